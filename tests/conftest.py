@@ -56,7 +56,7 @@ def make_tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "user", "assistant", "system"]
     words = [f"w{i}" for i in range(TINY["vocab_size"] - len(specials))]
     vocab = {token: index for index, token in enumerate(specials + words)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

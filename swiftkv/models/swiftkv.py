@@ -12,6 +12,7 @@ Paper (arXiv 2410.03960), with L layers and `l = num_key_value_layers`:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -150,6 +151,71 @@ class SwiftKVModelMixin:
             key_values[cache_index] = (key_states, value_states)
         return key_values
 
+    def prepare_layer_inputs(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        cache_position: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        **kwargs,
+    ) -> "LayerInputs":
+        """Masks, positions and RoPE tables shared by every layer, as the family's own forward builds them."""
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if cache_position is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache_position = torch.arange(
+                past_seen_tokens, past_seen_tokens + inputs_embeds.shape[1], device=inputs_embeds.device
+            )
+        if position_ids is None:
+            position_ids = cache_position.unsqueeze(0)
+        causal_masks = attention_mask if isinstance(attention_mask, dict) else self._causal_masks({
+            "config": self.config,
+            "input_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "cache_position": cache_position,
+            "past_key_values": past_key_values,
+            "position_ids": position_ids,
+        })
+        return LayerInputs(causal_masks, position_ids, self.rotary_emb(inputs_embeds, position_ids),
+                           past_key_values, cache_position, use_cache, kwargs)
+
+    def run_layers(self, hidden_states: torch.Tensor, layer_indices: range, inputs: "LayerInputs",
+                   key_values: Optional[dict[int, KeyValue]] = None) -> torch.Tensor:
+        """Run `layer_indices` in order; with `key_values` (SwiftKV) each attends to its group's K/V."""
+        for layer_idx in layer_indices:
+            layer = self.layers[layer_idx]
+            if key_values is not None:
+                inputs.extra["swiftkv_key_value"] = key_values[self.config.kv_cache_index(layer_idx)]
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=inputs.causal_masks[getattr(layer, "attention_type", "full_attention")],
+                position_ids=inputs.position_ids,
+                past_key_values=inputs.past_key_values,
+                use_cache=inputs.use_cache,
+                cache_position=inputs.cache_position,
+                position_embeddings=inputs.position_embeddings,
+                **inputs.extra,
+            )
+        inputs.extra.pop("swiftkv_key_value", None)
+        return hidden_states
+
+    def swiftkv_layers(self, hidden_states: torch.Tensor, inputs: "LayerInputs",
+                       last_token_only: bool = False) -> torch.Tensor:
+        """Layers `l..L-1` in SwiftKV mode on the output of layer `l-1` `[batch, seq, hidden]`.
+
+        K/V of every position come from SingleInputKV; with `last_token_only` the layers themselves run
+        for the last position only (the skipped prefill) and the result is `[batch, 1, hidden]`.
+        """
+        key_values = self.single_input_key_values(hidden_states, inputs.position_embeddings,
+                                                  inputs.past_key_values, inputs.cache_position)
+        if last_token_only:
+            hidden_states, inputs = _last_position(hidden_states, 1), inputs.last_position()
+        return self.run_layers(hidden_states, range(self.config.num_key_value_layers, self.config.num_hidden_layers),
+                               inputs, key_values)
+
     @check_model_inputs
     def forward(
         self,
@@ -172,60 +238,41 @@ class SwiftKVModelMixin:
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        if cache_position is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
-            cache_position = torch.arange(
-                past_seen_tokens, past_seen_tokens + inputs_embeds.shape[1], device=inputs_embeds.device
-            )
-        if position_ids is None:
-            position_ids = cache_position.unsqueeze(0)
-
-        causal_masks = attention_mask if isinstance(attention_mask, dict) else self._causal_masks({
-            "config": self.config,
-            "input_embeds": inputs_embeds,
-            "attention_mask": attention_mask,
-            "cache_position": cache_position,
-            "past_key_values": past_key_values,
-            "position_ids": position_ids,
-        })
-        hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        swiftkv = self.config.swiftkv
-        num_full_layers = self.config.num_key_value_layers if swiftkv else self.config.num_hidden_layers
-
-        def run_layer(layer, hidden_states, **layer_kwargs):
-            return layer(
-                hidden_states,
-                attention_mask=causal_masks[getattr(layer, "attention_type", "full_attention")],
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                cache_position=cache_position,
-                position_embeddings=position_embeddings,
-                **layer_kwargs,
-                **kwargs,
-            )
-
-        for layer in self.layers[:num_full_layers]:
-            hidden_states = run_layer(layer, hidden_states)
-
-        if swiftkv and num_full_layers < self.config.num_hidden_layers:
-            key_values = self.single_input_key_values(hidden_states, position_embeddings, past_key_values,
-                                                      cache_position)
-            if last_token_only:
-                hidden_states = _last_position(hidden_states, 1)
-                position_ids = _last_position(position_ids, 1)
-                cache_position = _last_position(cache_position, 0)
-                position_embeddings = tuple(_last_position(t, 1) for t in position_embeddings)
-                causal_masks = {name: _last_position(mask, 2) for name, mask in causal_masks.items()}
-            for layer_idx in range(num_full_layers, self.config.num_hidden_layers):
-                key_value = key_values[self.config.kv_cache_index(layer_idx)]
-                hidden_states = run_layer(self.layers[layer_idx], hidden_states, swiftkv_key_value=key_value)
-
+        inputs = self.prepare_layer_inputs(inputs_embeds, attention_mask, position_ids, past_key_values,
+                                           cache_position, use_cache, **kwargs)
+        config = self.config
+        swiftkv = config.swiftkv and config.num_key_value_layers < config.num_hidden_layers
+        num_full_layers = config.num_key_value_layers if swiftkv else config.num_hidden_layers
+        hidden_states = self.run_layers(inputs_embeds, range(num_full_layers), inputs)
+        if swiftkv:
+            hidden_states = self.swiftkv_layers(hidden_states, inputs, last_token_only)
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=inputs.past_key_values)
+
+
+@dataclass
+class LayerInputs:
+    """What every decoder layer of one forward shares besides the hidden states."""
+
+    causal_masks: dict
+    position_ids: torch.LongTensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    past_key_values: Optional[Cache]
+    cache_position: torch.LongTensor
+    use_cache: Optional[bool]
+    extra: dict = field(default_factory=dict)
+
+    def last_position(self) -> "LayerInputs":
+        """The same inputs for the last query position only (keys still cover every position)."""
+        return LayerInputs(
+            {name: _last_position(mask, 2) for name, mask in self.causal_masks.items()},
+            _last_position(self.position_ids, 1),
+            tuple(_last_position(t, 1) for t in self.position_embeddings),
+            self.past_key_values,
+            _last_position(self.cache_position, 0),
+            self.use_cache,
+            self.extra,
+        )
 
 
 class SwiftKVForCausalLMMixin:

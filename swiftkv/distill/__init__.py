@@ -1,0 +1,78 @@
+"""Knowledge-preserving distillation of a SwiftKV checkpoint (the base model is the teacher)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from swiftkv.distill.config import DistillConfig
+from swiftkv.distill.corpus import teacher_corpus
+from swiftkv.distill.data import DataError, load_dataset_records, read_records, train_eval_blocks
+from swiftkv.distill.trainer import DistillTrainer, TrainerState
+
+DEFAULT_DATA = "default"
+
+
+def load_records(sources: list[str], teacher_for_corpus, tokenizer, corpus_prompts: int,
+                 corpus_max_new_tokens: int, seed: int) -> list[dict]:
+    """Records from each source: `default` (teacher-generated corpus), a local file, or `hf:name[:split]`."""
+    records = []
+    for source in sources:
+        if source == DEFAULT_DATA:
+            records += teacher_corpus(teacher_for_corpus(), tokenizer, num_prompts=corpus_prompts,
+                                      max_new_tokens=corpus_max_new_tokens, seed=seed)
+        elif source.startswith("hf:"):
+            name, _, split = source[3:].partition(":")
+            records += load_dataset_records(name, split or "train")
+        elif Path(source).exists():
+            records += read_records(source)
+        else:
+            raise DataError(f"data source {source!r} is not 'default', an existing file, or hf:<dataset>[:split]")
+    return records
+
+
+def distill(model: str, out_dir: str | Path, data: list[str] | None = None, teacher: Optional[str] = None,
+            config: DistillConfig | None = None, resume: bool = False, corpus_prompts: int = 512,
+            corpus_max_new_tokens: int = 192) -> tuple[Path, TrainerState]:
+    """Distill the SwiftKV checkpoint `model` and save the result (full checkpoint + tokenizer) to `out_dir`."""
+    from swiftkv.checkpoint import save_checkpoint
+    from swiftkv.loading import load_model, load_tokenizer
+    from swiftkv.models.swiftkv import swiftkv_mode
+
+    config = config or DistillConfig()
+    out_dir = Path(out_dir)
+    student = load_model(model, dtype="float32")
+    if not student.config.model_type.endswith("_swiftkv"):
+        raise ValueError(f"{model} is not a SwiftKV checkpoint (model_type {student.config.model_type!r}); "
+                         "run `swiftkv convert` first")
+    student.config.swiftkv = True
+    tokenizer = load_tokenizer(model)
+    teacher_model = load_model(teacher, dtype="float32") if teacher else None
+
+    def corpus_teacher():
+        generator = load_model(teacher or model, dtype="bfloat16")  # bf16: generation only, much faster here
+        if not teacher:
+            generator.config.swiftkv = False
+        return generator
+
+    records = load_records(data or [DEFAULT_DATA], corpus_teacher, tokenizer, corpus_prompts,
+                           corpus_max_new_tokens, config.seed)
+    train_blocks, eval_blocks = train_eval_blocks(records, tokenizer, config.seq_length, config.eval_fraction,
+                                                  config.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "distill_config.json").write_text(json.dumps(
+        {**config.to_dict(), "model": model, "teacher": teacher, "data": data or [DEFAULT_DATA],
+         "train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks)}, indent=2))
+    trainer = DistillTrainer(student, train_blocks, eval_blocks, config, out_dir, teacher_model)
+    state = trainer.train(resume=resume)
+    if trainer.accelerator.is_main_process:
+        final = trainer.student
+        with swiftkv_mode(final, enabled=True):
+            save_checkpoint(final, out_dir / "model", tokenizer)
+    return out_dir / "model", state
+
+
+__all__ = ["DistillConfig", "DistillTrainer", "DataError", "distill", "load_records"]

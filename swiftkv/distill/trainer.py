@@ -1,0 +1,287 @@
+"""Distillation loop: teacher = the checkpoint with `swiftkv=False` (or a separate base model), student =
+the same weights with `swiftkv=True`; only `norm_swiftkv` and `*_proj_swiftkv` train.
+
+Runs unchanged under `accelerate launch` (DDP, FSDP, DeepSpeed): the teacher+student forward is one
+`nn.Module`, so the wrappers see every trainable parameter used in `forward`. Checkpoints are written
+with `accelerator.save_state` into a temporary folder that is renamed when complete, so a killed run
+resumes from its last whole checkpoint with the same data order, optimizer, schedule and RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from swiftkv.distill.config import DistillConfig
+from swiftkv.distill.losses import hidden_state_loss, logits_distillation_loss
+from swiftkv.eval.fidelity import token_kl_and_agreement
+
+CHECKPOINTS = "checkpoints"
+
+
+def freeze_all_but_swiftkv(model: nn.Module) -> list[str]:
+    """Make exactly the SwiftKV parameters trainable; return their names."""
+    trainable = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_("swiftkv" in name)
+        if parameter.requires_grad:
+            trainable.append(name)
+    if not trainable:
+        raise ValueError("the model has no SwiftKV parameters to train: convert it with num_key_value_layers < "
+                         "num_hidden_layers first")
+    return trainable
+
+
+class _CaptureOutput:
+    """Keeps the output of one module during a forward (the hidden state the MSE term compares)."""
+
+    def __init__(self, module: Optional[nn.Module]):
+        self.module, self.value, self.handle = module, None, None
+
+    def __enter__(self):
+        if self.module is not None:
+            self.handle = self.module.register_forward_hook(lambda m, args, out: setattr(self, "value", out))
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.handle is not None:
+            self.handle.remove()
+
+
+@dataclass
+class DistillOutput:
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor
+    student_hidden: Optional[torch.Tensor]
+    teacher_hidden: Optional[torch.Tensor]
+
+
+class DistillationModel(nn.Module):
+    """Teacher and student logits for one batch `[batch, seq]`.
+
+    With no separate teacher, layers `0..l-1` are shared by teacher and student and computed once,
+    without gradients; the teacher then runs layers `l..L-1` as the base model and the student runs
+    them in SwiftKV mode.
+    """
+
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None, hidden_loss_layer: Optional[int] = None):
+        super().__init__()
+        self.student = student
+        self.teacher = [teacher] if teacher is not None else []  # a list: not a submodule, never trained
+        config = student.config
+        self.hidden_layer_index = None
+        if hidden_loss_layer is not None:
+            index = hidden_loss_layer % (config.num_hidden_layers + 1)  # hidden_states[0] is the embeddings
+            if index <= config.num_key_value_layers:
+                raise ValueError(f"hidden_loss_layer={hidden_loss_layer} is not a SwiftKV layer output "
+                                 f"(layers >= {config.num_key_value_layers} are)")
+            self.hidden_layer_index = index - 1
+
+    def _layer(self, model: nn.Module) -> Optional[nn.Module]:
+        return None if self.hidden_layer_index is None else model.model.layers[self.hidden_layer_index]
+
+    def forward(self, input_ids: torch.Tensor) -> DistillOutput:
+        student = self.student
+        if self.teacher:
+            teacher = self.teacher[0]
+            with torch.no_grad(), _CaptureOutput(self._layer(teacher)) as teacher_capture:
+                teacher_logits = teacher(input_ids, use_cache=False).logits
+            with _CaptureOutput(self._layer(student)) as student_capture:
+                student_logits = student(input_ids, use_cache=False).logits
+        else:
+            decoder, config = student.model, student.config
+            embeds = decoder.embed_tokens(input_ids)
+            inputs = decoder.prepare_layer_inputs(embeds, use_cache=False)
+            with torch.no_grad():
+                shared = decoder.run_layers(embeds, range(config.num_key_value_layers), inputs)
+                with _CaptureOutput(self._layer(student)) as teacher_capture:
+                    teacher_hidden = decoder.run_layers(
+                        shared, range(config.num_key_value_layers, config.num_hidden_layers), inputs)
+                teacher_logits = student.lm_head(decoder.norm(teacher_hidden))
+            with _CaptureOutput(self._layer(student)) as student_capture:
+                student_hidden = decoder.swiftkv_layers(shared, inputs)
+            student_logits = student.lm_head(decoder.norm(student_hidden))
+        return DistillOutput(student_logits, teacher_logits, student_capture.value, teacher_capture.value)
+
+
+@dataclass
+class TrainerState:
+    """Progress that must survive a restart (saved with every checkpoint)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    history: list = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
+                "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.train_seconds, self.history = state["train_seconds"], state["history"]
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16"  # CPU autocast to bf16: several times faster matmuls than fp32 here
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    checkpoints = sorted((out_dir / CHECKPOINTS).glob("step-*"))
+    return checkpoints[-1] if checkpoints else None
+
+
+class DistillTrainer:
+    def __init__(self, model: nn.Module, train_blocks: torch.Tensor, eval_blocks: torch.Tensor,
+                 config: DistillConfig, out_dir: str | Path, teacher: Optional[nn.Module] = None):
+        from accelerate import Accelerator
+        from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+        self.config, self.out_dir = config, Path(out_dir)
+        self.accelerator = Accelerator(mixed_precision=_mixed_precision(config.mixed_precision),
+                                       gradient_accumulation_steps=config.gradient_accumulation_steps)
+        torch.manual_seed(config.seed)
+        self.trainable_names = freeze_all_but_swiftkv(model)
+        if teacher is not None:
+            teacher.requires_grad_(False).eval().to(self.accelerator.device)
+        hidden_layer = config.hidden_loss_layer if config.hidden_loss_weight > 0 else None
+        distill_model = DistillationModel(model, teacher, hidden_layer)
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        make_schedule = (get_cosine_schedule_with_warmup if config.lr_schedule == "cosine"
+                         else get_linear_schedule_with_warmup)
+        self.scheduler = make_schedule(optimizer, math.ceil(config.warmup_ratio * config.max_steps), config.max_steps)
+        self.model, self.optimizer = self.accelerator.prepare(distill_model, optimizer)
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.state = TrainerState()
+        self.accelerator.register_for_checkpointing(self.state)
+        self.train_blocks, self.eval_blocks = train_blocks, eval_blocks[: config.max_eval_blocks]
+        if len(train_blocks) < config.micro_batch_size * self.accelerator.num_processes:
+            raise ValueError(f"{len(train_blocks)} training blocks are fewer than one batch "
+                             f"({config.micro_batch_size} x {self.accelerator.num_processes} processes)")
+
+    @property
+    def student(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model).student
+
+    def micro_batch(self, step: int, accumulation_index: int) -> torch.Tensor:
+        """Blocks of one micro-batch: a seeded permutation per epoch, sharded across processes."""
+        config, accelerator = self.config, self.accelerator
+        size = config.micro_batch_size
+        global_index = (step * config.gradient_accumulation_steps + accumulation_index) * accelerator.num_processes
+        global_index += accelerator.process_index
+        batches_per_epoch = len(self.train_blocks) // size
+        epoch, offset = divmod(global_index, batches_per_epoch)
+        order = torch.randperm(len(self.train_blocks), generator=torch.Generator().manual_seed(config.seed + epoch))
+        return self.train_blocks[order[offset * size:(offset + 1) * size]].to(accelerator.device)
+
+    def loss(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        output = self.model(input_ids)
+        kl = logits_distillation_loss(output.student_logits, output.teacher_logits, self.config.logits_loss_temp)
+        loss, parts = kl, {"kl_loss": kl.item()}
+        if output.student_hidden is not None:
+            mse = hidden_state_loss(output.student_hidden, output.teacher_hidden)
+            loss = loss + self.config.hidden_loss_weight * mse
+            parts["hidden_mse"] = mse.item()
+        return loss, parts
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out KL(teacher || student) at T=1 and top-1 agreement, token-weighted."""
+        self.model.eval()
+        total_kl = total_agreement = total = 0.0
+        for start in range(0, len(self.eval_blocks), self.config.micro_batch_size):
+            batch = self.eval_blocks[start:start + self.config.micro_batch_size].to(self.accelerator.device)
+            with self.accelerator.autocast():
+                output = self.model(batch)
+            kl, agreement = token_kl_and_agreement(output.teacher_logits, output.student_logits)
+            total_kl, total_agreement, total = total_kl + kl.sum().item(), total_agreement + agreement.sum().item(), total + kl.numel()
+        self.model.train()
+        return {"eval_kl": total_kl / max(total, 1), "eval_top1_agreement": total_agreement / max(total, 1)}
+
+    def save(self) -> Path:
+        """Atomic checkpoint: write `tmp-step-N`, then rename to `step-N`; prune old ones."""
+        checkpoints = self.out_dir / CHECKPOINTS
+        final = checkpoints / f"step-{self.state.step:06d}"
+        partial = checkpoints / f"tmp-step-{self.state.step:06d}"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.accelerator.save_state(str(partial), safe_serialization=False)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            for old in sorted(checkpoints.glob("step-*"))[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old)
+        return final
+
+    def resume(self) -> bool:
+        checkpoint = latest_checkpoint(self.out_dir)
+        if checkpoint is None:
+            return False
+        self.accelerator.load_state(str(checkpoint))
+        return True
+
+    def _log(self, record: dict) -> None:
+        self.state.history.append(record)
+        if self.accelerator.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "history.json").write_text(json.dumps(self.state.history, indent=1))
+
+    def train(self, resume: bool = False, on_step: Optional[Callable[[int], None]] = None) -> TrainerState:
+        """Run to `max_steps`; `on_step(step)` is called after each optimizer step (tests, callbacks)."""
+        config, accelerator, state = self.config, self.accelerator, self.state
+        resumed = resume and self.resume()
+        if not resumed and state.step == 0:
+            self._log({"step": 0, "tokens_seen": 0, **self.evaluate()})
+        self.model.train()
+        bar = tqdm(total=config.max_steps, initial=state.step, desc="distill", unit="step",
+                   disable=not accelerator.is_local_main_process)
+        while state.step < config.max_steps:
+            started = time.perf_counter()
+            parts = {}
+            for accumulation_index in range(config.gradient_accumulation_steps):
+                with accelerator.accumulate(self.model):
+                    loss, parts = self.loss(self.micro_batch(state.step, accumulation_index))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+            self.scheduler.step()
+            state.step += 1
+            step_tokens = config.tokens_per_step * accelerator.num_processes
+            state.tokens_seen += step_tokens
+            elapsed = time.perf_counter() - started
+            state.train_seconds += elapsed
+            bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{step_tokens / elapsed:.0f}",
+                            lr=f"{self.scheduler.get_last_lr()[0]:.1e}")
+            bar.update(1)
+            record = {"step": state.step, "tokens_seen": state.tokens_seen, "loss": loss.item(), **parts,
+                      "lr": self.scheduler.get_last_lr()[0], "tokens_per_second": step_tokens / elapsed,
+                      "train_seconds": state.train_seconds}
+            if state.step % config.eval_every == 0 or state.step == config.max_steps:
+                record.update(self.evaluate())
+                bar.write(f"step {state.step}: eval KL {record['eval_kl']:.4f}, "
+                          f"top-1 agreement {record['eval_top1_agreement']:.3f}")
+            self._log(record)
+            if state.step % config.save_every == 0 or state.step == config.max_steps:
+                self.save()
+            if on_step is not None:
+                on_step(state.step)
+        bar.close()
+        return state
