@@ -7,6 +7,7 @@ import dataclasses
 import sys
 
 from swiftkv.distill.config import DistillConfig
+from swiftkv.eval import DEFAULT_TASKS, SAME_CHECKPOINT
 from swiftkv.loading import DEFAULT_MODEL
 
 
@@ -52,6 +53,13 @@ def _build(args: argparse.Namespace) -> None:
               resume=args.resume, corpus_prompts=args.corpus_prompts, corpus_max_new_tokens=args.corpus_max_new_tokens)
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from swiftkv.eval import evaluate
+
+    baseline = None if args.baseline == "none" else args.baseline
+    evaluate(args.model, args.tasks, baseline, args.limit, args.batch_size, args.dtype, args.max_new_tokens, args.out)
+
+
 def _add_layout_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-key-value-layers", default="0.5",
                         help="layers that keep their own KV: a count (16) or a fraction of all layers (0.5)")
@@ -81,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--out", required=True, help="run directory (checkpoints/, history.json, model/)")
     _add_distill_config_flags(distill)
     distill.set_defaults(run=_distill)
+
+    evaluation = commands.add_parser("eval", help="quality of a model side by side with its baseline")
+    evaluation.add_argument("--model", required=True, help="model to evaluate (SwiftKV checkpoint or any model)")
+    evaluation.add_argument("--baseline", default=SAME_CHECKPOINT,
+                            help=f"'{SAME_CHECKPOINT}' (same checkpoint, SwiftKV off; default), a model, or 'none'")
+    evaluation.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS,
+                            help="built-in task names or task files (.jsonl / .txt); default: %(default)s")
+    evaluation.add_argument("--limit", type=int, help="examples (windows for perplexity) per task")
+    evaluation.add_argument("--batch-size", type=int, default=16)
+    evaluation.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16", "float16"])
+    evaluation.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens for fidelity tasks")
+    evaluation.add_argument("--out", help="folder for eval.json and eval.md")
+    evaluation.set_defaults(run=_eval)
 
     build = commands.add_parser("build", help="main job: convert + teacher corpus + distill + report")
     build.add_argument("--model", default=DEFAULT_MODEL, help="base model (default: %(default)s)")
