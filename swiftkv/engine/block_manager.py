@@ -1,0 +1,50 @@
+"""Paged KV memory: fixed-size blocks of token slots, handed to sequences and taken back.
+
+One block holds `block_size` tokens for *every* KV cache entry of the model, so a SwiftKV model with
+AcrossKV (fewer entries) fits more blocks, hence more tokens, in the same memory budget.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from swiftkv.engine.sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1:
+            raise ValueError("the KV cache budget holds no block: raise kv_cache_memory or lower block_size")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.free_blocks: deque[int] = deque(range(num_blocks))
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def usage(self) -> float:
+        return 1 - len(self.free_blocks) / self.num_blocks
+
+    def blocks_needed(self, sequence: Sequence, num_tokens: int) -> int:
+        """Extra blocks `sequence` needs so that `num_tokens` of it fit."""
+        return max(0, -(-num_tokens // self.block_size) - len(sequence.block_table))
+
+    def can_reserve(self, sequence: Sequence, num_tokens: int) -> bool:
+        return self.blocks_needed(sequence, num_tokens) <= len(self.free_blocks)
+
+    def reserve(self, sequence: Sequence, num_tokens: int) -> None:
+        needed = self.blocks_needed(sequence, num_tokens)
+        if needed > len(self.free_blocks):
+            raise MemoryError("not enough free KV blocks")
+        sequence.block_table.extend(self.free_blocks.popleft() for _ in range(needed))
+
+    def free(self, sequence: Sequence) -> None:
+        self.free_blocks.extend(sequence.block_table)
+        sequence.block_table = []
+        sequence.num_cached_tokens = 0
+
+    def slots(self, sequence: Sequence, start: int, end: int) -> list[int]:
+        """Flat cache slot of each token position in [start, end)."""
+        size, table = self.block_size, sequence.block_table
+        return [table[position // size] * size + position % size for position in range(start, end)]

@@ -1,0 +1,126 @@
+"""Forward passes over a paged KV cache for base and SwiftKV checkpoints (Llama / Qwen2 families).
+
+The runner reuses the checkpoint's own modules (norms, projections, MLPs, rotary embedding) and owns
+only what is new: where K/V live and which tokens run which layers.
+
+Cache layout: `k_cache` / `v_cache` are `[kv_entries, num_slots, kv_heads, head_dim]`, a slot being
+`block * block_size + offset`. A base model has one entry per layer; SwiftKV has one per layer `< l`
+and one per AcrossKV group.
+
+Prefill of a prompt chunk `[start, end)`:
+  * layers `< l` run on every chunk token and write their K/V;
+  * SwiftKV: `norm_swiftkv` of layer `l-1`'s output gives every group's K/V for the chunk (SingleInputKV);
+  * layers `>= l` run only for the prompt's last token, and only in the chunk that holds it.
+Decode runs every layer for one new token per sequence, as a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from swiftkv.models.swiftkv import apply_rotary_to_states
+
+
+@dataclass
+class Batch:
+    """Tokens to run and where their K/V go / come from.
+
+    input_ids, positions: `[batch, tokens]`; write_slots: `[batch * tokens]` cache slots of those tokens;
+    read_slots: `[batch, kv_length]` slots each row attends to; attention_mask: `[batch, 1, tokens, kv_length]`.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    write_slots: torch.Tensor
+    read_slots: torch.Tensor
+    attention_mask: torch.Tensor
+    wants_logits: bool = True      # False for a prefill chunk that does not end the prompt
+
+
+class ModelRunner:
+    def __init__(self, model, kv_cache_bytes: int, block_size: int):
+        self.model = model.eval()
+        self.decoder = model.model
+        config = self.config = model.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.num_layers = config.num_hidden_layers
+        self.swiftkv = bool(getattr(config, "swiftkv", False)) and config.num_key_value_layers < self.num_layers
+        self.num_full_layers = config.num_key_value_layers if self.swiftkv else self.num_layers
+        self.kv_entry = [config.kv_cache_index(i) if self.swiftkv else i for i in range(self.num_layers)]
+        self.num_kv_entries = config.num_kv_cache_layers if self.swiftkv else self.num_layers
+        attention = self.decoder.layers[0].self_attn
+        self.head_dim, self.scaling = attention.head_dim, attention.scaling
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.block_size = block_size
+        bytes_per_block = 2 * self.num_kv_entries * block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        self.num_blocks = int(kv_cache_bytes // bytes_per_block)
+        shape = (self.num_kv_entries, max(self.num_blocks, 1) * block_size, self.num_kv_heads, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.group_leaders = config.group_leaders() if self.swiftkv else []
+
+    def _project(self, linear, states: torch.Tensor, heads: int) -> torch.Tensor:
+        return linear(states).view(*states.shape[:-1], heads, self.head_dim)
+
+    def _attend(self, query: torch.Tensor, entry: int, batch: Batch, mask: torch.Tensor) -> torch.Tensor:
+        """query `[b, n, heads, d]` over the cache slots of each row -> `[b, n, heads * d]`."""
+        keys = self.k_cache[entry][batch.read_slots].transpose(1, 2)      # [b, kv_heads, T, d]
+        values = self.v_cache[entry][batch.read_slots].transpose(1, 2)
+        output = F.scaled_dot_product_attention(query.transpose(1, 2), keys, values, attn_mask=mask,
+                                                scale=self.scaling, enable_gqa=True)
+        return output.transpose(1, 2).reshape(*query.shape[:2], -1)
+
+    def _write(self, entry: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.k_cache[entry][slots] = keys.reshape(-1, self.num_kv_heads, self.head_dim)
+        self.v_cache[entry][slots] = values.reshape(-1, self.num_kv_heads, self.head_dim)
+
+    def _layer(self, index: int, hidden: torch.Tensor, rope: tuple, batch: Batch, mask: torch.Tensor,
+               write_slots: Optional[torch.Tensor]) -> torch.Tensor:
+        """One decoder layer. `write_slots=None`: a SwiftKV layer, whose K/V the single input already wrote."""
+        layer = self.decoder.layers[index]
+        attention = layer.self_attn
+        normed = layer.input_layernorm(hidden)
+        q_proj = attention.q_proj if write_slots is not None else attention.q_proj_swiftkv
+        query = apply_rotary_to_states(self._project(q_proj, normed, self.num_heads).transpose(1, 2), *rope)
+        if write_slots is not None:
+            keys = apply_rotary_to_states(self._project(attention.k_proj, normed, self.num_kv_heads).transpose(1, 2), *rope)
+            values = self._project(attention.v_proj, normed, self.num_kv_heads)
+            self._write(self.kv_entry[index], write_slots, keys.transpose(1, 2), values)
+        hidden = hidden + attention.o_proj(self._attend(query.transpose(1, 2), self.kv_entry[index], batch, mask))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def _write_single_input_kv(self, hidden: torch.Tensor, rope: tuple, write_slots: torch.Tensor) -> None:
+        """SingleInputKV + AcrossKV: K/V of every group from `norm_swiftkv(hidden)` (layer l-1's output)."""
+        single_input = self.decoder.norm_swiftkv(hidden)
+        for leader in self.group_leaders:
+            attention = self.decoder.layers[leader].self_attn
+            keys = apply_rotary_to_states(
+                self._project(attention.k_proj_swiftkv, single_input, self.num_kv_heads).transpose(1, 2), *rope)
+            values = self._project(attention.v_proj_swiftkv, single_input, self.num_kv_heads)
+            self._write(self.kv_entry[leader], write_slots, keys.transpose(1, 2), values)
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch) -> Optional[torch.Tensor]:
+        """Logits `[batch, vocab]` of each row's last token, or None for a prefill chunk mid-prompt."""
+        hidden = self.decoder.embed_tokens(batch.input_ids)
+        rope = self.decoder.rotary_emb(hidden, batch.positions)
+        for index in range(self.num_full_layers):
+            hidden = self._layer(index, hidden, rope, batch, batch.attention_mask, batch.write_slots)
+        if self.swiftkv:
+            self._write_single_input_kv(hidden, rope, batch.write_slots)
+            if not batch.wants_logits:
+                return None  # the SwiftKV saving: mid-prompt chunks never touch layers >= l
+            hidden = hidden[:, -1:]
+            rope = tuple(t[:, -1:] for t in rope)
+            mask = batch.attention_mask[:, :, -1:]
+            for index in range(self.num_full_layers, self.num_layers):
+                hidden = self._layer(index, hidden, rope, batch, mask, None)
+        elif not batch.wants_logits:
+            return None
+        return self.model.lm_head(self.decoder.norm(hidden[:, -1])).float()

@@ -1,0 +1,80 @@
+"""Continuous batching: each step decodes every running sequence and advances one prompt by a chunk.
+
+Memory runs out -> the newest running sequence is preempted: its blocks are freed and it goes back to
+the front of the queue, to be prefilled again (prompt + tokens so far) when memory frees up. Nothing is
+lost and nothing crashes; a request that cannot fit even alone is rejected when it is added.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from swiftkv.engine.block_manager import BlockManager
+from swiftkv.engine.sequence import Sequence, Status
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 32                 # sequences decoding at once
+    max_prefill_tokens: int = 1024         # prompt tokens per prefill chunk
+
+
+@dataclass
+class ScheduledStep:
+    prefill: Optional[Sequence] = None
+    prefill_range: tuple[int, int] = (0, 0)
+    decode: list[Sequence] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config, self.blocks = config, block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, sequence: Sequence) -> None:
+        self.waiting.append(sequence)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, sequence: Sequence) -> None:
+        self.running.remove(sequence)
+        self.blocks.free(sequence)
+        sequence.status = Status.WAITING
+        sequence.num_preemptions += 1
+        self.waiting.appendleft(sequence)
+
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep()
+        for sequence in list(self.running):  # each decode writes one more token's KV
+            while sequence in self.running and not self.blocks.can_reserve(sequence, len(sequence)):
+                self._preempt(self.running[-1])
+            if sequence in self.running:
+                self.blocks.reserve(sequence, len(sequence))
+                step.decode.append(sequence)
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            sequence = self.waiting[0]
+            start = sequence.num_cached_tokens
+            end = min(len(sequence), start + self.config.max_prefill_tokens)
+            if self.blocks.can_reserve(sequence, end):
+                self.blocks.reserve(sequence, end)
+                step.prefill, step.prefill_range = sequence, (start, end)
+        return step
+
+    def prefill_done(self, sequence: Sequence, end: int) -> None:
+        sequence.num_cached_tokens = end
+        if end == len(sequence):
+            self.waiting.remove(sequence)
+            sequence.status = Status.RUNNING
+            self.running.append(sequence)
+
+    def finish(self, sequence: Sequence, reason: str) -> None:
+        sequence.status, sequence.finish_reason = Status.FINISHED, reason
+        if sequence in self.running:
+            self.running.remove(sequence)
+        if sequence in self.waiting:
+            self.waiting.remove(sequence)
+        self.blocks.free(sequence)

@@ -1,0 +1,138 @@
+"""The inference engine: token-for-token equal to transformers, batching, chunking, preemption, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swiftkv.convert import convert_to_swiftkv
+from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
+from swiftkv.engine.llm_engine import request_output
+
+from conftest import make_base_model, make_tiny_tokenizer, perturb_swiftkv_weights
+
+
+def prompts(count=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 96, (int(length),), generator=generator).tolist()
+            for length in torch.randint(5, 40, (count,), generator=generator)]
+
+
+def hf_greedy(model, prompt, max_tokens):
+    input_ids = torch.tensor([prompt])
+    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_tokens,
+                            do_sample=False, eos_token_id=None, pad_token_id=0)
+    return output[0, len(prompt):].tolist()
+
+
+def engine_for(model, **options):
+    options = {"dtype": "float32", "kv_cache_memory_gb": 0.01, "block_size": 4, **options}
+    return LLMEngine(model, make_tiny_tokenizer(), EngineConfig(**options))
+
+
+def run(engine, token_prompts, params):
+    sequences = [engine.add_request(p, params) for p in token_prompts]
+    while engine.has_unfinished():
+        engine.step()
+    return [request_output(s) for s in sequences]
+
+
+GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
+
+
+def swiftkv_model(family="llama", group_size=1):
+    model = convert_to_swiftkv(make_base_model(family), 2, group_size)
+    perturb_swiftkv_weights(model)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_engine_greedy_equals_transformers_on_a_base_model(family):
+    model = make_base_model(family)
+    outputs = run(engine_for(model), prompts(), GREEDY)
+    for prompt, output in zip(prompts(), outputs):
+        assert output.token_ids == hf_greedy(model, prompt, 10)
+
+
+@pytest.mark.parametrize("family, group_size", [("llama", 1), ("llama", 2), ("qwen2", 4)])
+def test_engine_greedy_equals_the_swiftkv_transformers_class(family, group_size):
+    model = swiftkv_model(family, group_size)
+    outputs = run(engine_for(model), prompts(), GREEDY)
+    for prompt, output in zip(prompts(), outputs):
+        assert output.token_ids == hf_greedy(model, prompt, 10)
+
+
+def test_batched_results_equal_single_request_results():
+    model = swiftkv_model()
+    batched = run(engine_for(model), prompts(6), GREEDY)
+    for prompt, output in zip(prompts(6), batched):
+        assert run(engine_for(model), [prompt], GREEDY)[0].token_ids == output.token_ids
+
+
+def test_chunked_prefill_gives_the_same_tokens():
+    model = swiftkv_model()
+    whole = run(engine_for(model), prompts(), GREEDY)
+    chunked = run(engine_for(model, max_prefill_tokens=7), prompts(), GREEDY)
+    assert [o.token_ids for o in chunked] == [o.token_ids for o in whole]
+
+
+def test_preemption_under_memory_pressure_loses_no_request():
+    model = swiftkv_model()
+    reference = run(engine_for(model), prompts(6), GREEDY)
+    runner = engine_for(model).runner
+    bytes_per_token = 2 * runner.num_kv_entries * runner.num_kv_heads * runner.head_dim * 4  # K and V, float32
+    small = engine_for(model, kv_cache_memory_gb=64 * bytes_per_token / 2**30)
+    assert small.capacity_tokens == 64 < sum(len(p) + 10 for p in prompts(6))
+    outputs = run(small, prompts(6), GREEDY)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
+    assert sum(o.num_preemptions for o in outputs) > 0
+    assert small.blocks.usage == 0
+
+
+def test_across_kv_admits_more_tokens_in_the_same_budget():
+    base = make_base_model("llama")
+    grouped = convert_to_swiftkv(base, 2, 4)
+    base_engine, grouped_engine = engine_for(base), engine_for(grouped)
+    assert grouped_engine.runner.num_kv_entries == 3 and base_engine.runner.num_kv_entries == 6
+    assert grouped_engine.capacity_tokens == pytest.approx(2 * base_engine.capacity_tokens, rel=0.01)
+
+
+def test_seeded_sampling_is_reproducible_and_differs_from_greedy():
+    model = swiftkv_model()
+    params = SamplingParams(max_tokens=12, temperature=1.5, top_p=0.9, top_k=40, seed=7, ignore_eos=True)
+    first = run(engine_for(model), prompts(1), params)[0].token_ids
+    assert first == run(engine_for(model), prompts(1), params)[0].token_ids
+    assert first != run(engine_for(model), prompts(1), SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+
+
+def test_stop_token_and_stop_string_end_a_request():
+    model = swiftkv_model()
+    greedy = run(engine_for(model), prompts(1), GREEDY)[0].token_ids
+    stopped = run(engine_for(model), prompts(1), SamplingParams(max_tokens=10, stop_token_ids=[greedy[3]],
+                                                                ignore_eos=True))[0]
+    assert stopped.token_ids == greedy[:greedy.index(greedy[3]) + 1] and stopped.finish_reason == "stop"
+    word = make_tiny_tokenizer().decode([greedy[2]])
+    text = run(engine_for(model), prompts(1), SamplingParams(max_tokens=10, stop=[word], ignore_eos=True))[0]
+    assert word not in text.text and text.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(max_tokens=-1), dict(temperature=-1), dict(top_p=0),
+                                    dict(top_k=-2)])
+def test_bad_sampling_params_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
+
+
+def test_prompt_longer_than_the_context_is_rejected():
+    engine = engine_for(make_base_model("llama"))
+    with pytest.raises(ValueError, match="exceeds the model's context of 256 tokens"):
+        engine.add_request(list(range(3, 90)) * 3, SamplingParams(max_tokens=10))
+
+
+def test_aborted_request_frees_its_blocks():
+    engine = engine_for(swiftkv_model())
+    sequence = engine.add_request(prompts(1)[0], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert engine.blocks.usage > 0
+    engine.abort(sequence)
+    assert engine.blocks.usage == 0 and not engine.has_unfinished()
