@@ -60,6 +60,80 @@ def _eval(args: argparse.Namespace) -> None:
     evaluate(args.model, args.tasks, baseline, args.limit, args.batch_size, args.dtype, args.max_new_tokens, args.out)
 
 
+def _engine_config(args: argparse.Namespace):
+    from swiftkv.engine import EngineConfig
+
+    return EngineConfig(dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb, block_size=args.block_size,
+                        max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens)
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache budget (default: %(default)s)")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoding at once")
+    parser.add_argument("--max-prefill-tokens", type=int, default=1024, help="prompt tokens per prefill chunk")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from swiftkv.engine import LLMEngine
+    from swiftkv.serve.app import create_app
+
+    engine = LLMEngine.from_pretrained(args.model, _engine_config(args))
+    print(f"KV cache: {engine.capacity_tokens} tokens in {args.kv_cache_memory_gb} GB "
+          f"({engine.runner.num_kv_entries} KV entries per token)")
+    uvicorn.run(create_app(engine, args.served_model_name or args.model), host=args.host, port=args.port,
+                log_level="warning")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from swiftkv.engine import LLM, SamplingParams
+
+    llm = LLM(args.model, **vars(_engine_config(args)))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    prompts = args.prompt
+    if args.chat:
+        tokenizer = llm.engine.tokenizer
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                 tokenize=True) for p in prompts]
+    for output in llm.generate(list(prompts), params):
+        print(output.text)
+        print(f"-- {len(output.token_ids)} tokens, TTFT {output.ttft_s * 1000:.0f} ms, {output.finish_reason}")
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from swiftkv.engine import LLM, SamplingParams
+
+    llm = LLM(args.model, **vars(_engine_config(args)))
+    tokenizer, messages = llm.engine.tokenizer, []
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print("chat with the model; an empty line or Ctrl-D ends")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        reply = ""
+        for delta in llm.stream(list(prompt), params):
+            print(delta, end="", flush=True)
+            reply += delta
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+
+
 def _add_layout_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-key-value-layers", default="0.5",
                         help="layers that keep their own KV: a count (16) or a fraction of all layers (0.5)")
@@ -102,6 +176,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens for fidelity tasks")
     evaluation.add_argument("--out", help="folder for eval.json and eval.md")
     evaluation.set_defaults(run=_eval)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible server (/v1/completions, /v1/chat/completions)")
+    serve.add_argument("model", help="checkpoint (SwiftKV or base), alias or GGUF")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", help="model id clients send (default: the model argument)")
+    _add_engine_flags(serve)
+    serve.set_defaults(run=_serve)
+
+    generate = commands.add_parser("generate", help="generate completions with the engine")
+    generate.add_argument("model")
+    generate.add_argument("prompt", nargs="+")
+    generate.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    _add_engine_flags(generate)
+    _add_sampling_flags(generate)
+    generate.set_defaults(run=_generate)
+
+    chat = commands.add_parser("chat", help="interactive chat in the terminal, streamed")
+    chat.add_argument("model")
+    _add_engine_flags(chat)
+    _add_sampling_flags(chat)
+    chat.set_defaults(run=_chat)
 
     build = commands.add_parser("build", help="main job: convert + teacher corpus + distill + report")
     build.add_argument("--model", default=DEFAULT_MODEL, help="base model (default: %(default)s)")
