@@ -18,8 +18,8 @@ $(BIN)/swiftkv: pyproject.toml
 install: $(BIN)/swiftkv
 
 demo: install
-	$(BIN)/swiftkv convert --model smollm2-135m-instruct --num-key-value-layers 0.5 --out runs/smollm2-swiftkv-50
-	$(BIN)/python benchmarks/prefill.py
+	# convert SmolLM2-135M to SwiftKV-50%, generate the teacher corpus, distill, evaluate, report (~1 hour)
+	$(BIN)/swiftkv build --model smollm2-135m-instruct --num-key-value-layers 0.5 --out runs/smollm2-swiftkv
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -63,3 +63,18 @@ def test_smollm2_base_answers_sensibly(smollm2):
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_engine_greedy_equals_transformers_on_smollm2(smollm2, swiftkv_smollm2, chat_prompt):
+    from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
+    from swiftkv.engine.llm_engine import request_output
+
+    prompt = chat_prompt[0].tolist()
+    for model in (smollm2[0], swiftkv_smollm2):
+        engine = LLMEngine(model, smollm2[1], EngineConfig(dtype="float32", kv_cache_memory_gb=0.05))
+        sequence = engine.add_request(prompt, SamplingParams(max_tokens=12, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+        expected = model.generate(chat_prompt, attention_mask=torch.ones_like(chat_prompt), max_new_tokens=12,
+                                  do_sample=False, eos_token_id=None, pad_token_id=2)[0, len(prompt):].tolist()
+        assert request_output(sequence).token_ids == expected

@@ -58,8 +58,11 @@ def distill(model: str, out_dir: str | Path, data: list[str] | None = None, teac
             generator.config.swiftkv = False
         return generator
 
-    records = load_records(data or [DEFAULT_DATA], corpus_teacher, tokenizer, corpus_prompts,
-                           corpus_max_new_tokens, config.seed)
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():  # one process writes the teacher corpus; the others read it
+        records = load_records(data or [DEFAULT_DATA], corpus_teacher, tokenizer, corpus_prompts,
+                               corpus_max_new_tokens, config.seed)
     train_blocks, eval_blocks = train_eval_blocks(records, tokenizer, config.seq_length, config.eval_fraction,
                                                   config.seed)
     out_dir.mkdir(parents=True, exist_ok=True)

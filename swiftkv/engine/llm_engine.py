@@ -104,7 +104,7 @@ class LLMEngine:
             positions=positions[None],
             write_slots=self._tensor(self.blocks.slots(sequence, start, end)),
             read_slots=self._tensor(self.blocks.slots(sequence, 0, end))[None],
-            attention_mask=(keys[None, :] <= positions[:, None])[None, None],
+            attention_mask=None if start == 0 else (keys[None, :] <= positions[:, None])[None, None],
             wants_logits=end == len(sequence),
         )
 
@@ -117,7 +117,8 @@ class LLMEngine:
             positions=self._tensor([[n - 1] for n in lengths]),
             write_slots=self._tensor([row[n - 1] for row, n in zip(read, lengths)]),
             read_slots=self._tensor(read),
-            attention_mask=(torch.arange(width, device=self.runner.device)[None, :] < self._tensor(lengths)[:, None])[:, None, None],
+            attention_mask=None if len(sequences) == 1 else
+            (torch.arange(width, device=self.runner.device)[None, :] < self._tensor(lengths)[:, None])[:, None, None],
         )
 
     def step(self) -> list[TokenEvent]:

@@ -30,14 +30,16 @@ class Batch:
     """Tokens to run and where their K/V go / come from.
 
     input_ids, positions: `[batch, tokens]`; write_slots: `[batch * tokens]` cache slots of those tokens;
-    read_slots: `[batch, kv_length]` slots each row attends to; attention_mask: `[batch, 1, tokens, kv_length]`.
+    read_slots: `[batch, kv_length]` slots each row attends to; attention_mask: `[batch, 1, tokens, kv_length]`,
+    or None when plain causal attention is exact (one row whose keys start at its first query position 0,
+    or a single query that sees every key) so the fused kernel runs without a mask.
     """
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     write_slots: torch.Tensor
     read_slots: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: Optional[torch.Tensor]
     wants_logits: bool = True      # False for a prefill chunk that does not end the prompt
 
 
@@ -68,19 +70,20 @@ class ModelRunner:
     def _project(self, linear, states: torch.Tensor, heads: int) -> torch.Tensor:
         return linear(states).view(*states.shape[:-1], heads, self.head_dim)
 
-    def _attend(self, query: torch.Tensor, entry: int, batch: Batch, mask: torch.Tensor) -> torch.Tensor:
+    def _attend(self, query: torch.Tensor, entry: int, batch: Batch, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """query `[b, n, heads, d]` over the cache slots of each row -> `[b, n, heads * d]`."""
         keys = self.k_cache[entry][batch.read_slots].transpose(1, 2)      # [b, kv_heads, T, d]
         values = self.v_cache[entry][batch.read_slots].transpose(1, 2)
+        causal = mask is None and query.shape[1] > 1
         output = F.scaled_dot_product_attention(query.transpose(1, 2), keys, values, attn_mask=mask,
-                                                scale=self.scaling, enable_gqa=True)
+                                                is_causal=causal, scale=self.scaling, enable_gqa=True)
         return output.transpose(1, 2).reshape(*query.shape[:2], -1)
 
     def _write(self, entry: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.k_cache[entry][slots] = keys.reshape(-1, self.num_kv_heads, self.head_dim)
         self.v_cache[entry][slots] = values.reshape(-1, self.num_kv_heads, self.head_dim)
 
-    def _layer(self, index: int, hidden: torch.Tensor, rope: tuple, batch: Batch, mask: torch.Tensor,
+    def _layer(self, index: int, hidden: torch.Tensor, rope: tuple, batch: Batch, mask: Optional[torch.Tensor],
                write_slots: Optional[torch.Tensor]) -> torch.Tensor:
         """One decoder layer. `write_slots=None`: a SwiftKV layer, whose K/V the single input already wrote."""
         layer = self.decoder.layers[index]
@@ -118,7 +121,7 @@ class ModelRunner:
                 return None  # the SwiftKV saving: mid-prompt chunks never touch layers >= l
             hidden = hidden[:, -1:]
             rope = tuple(t[:, -1:] for t in rope)
-            mask = batch.attention_mask[:, :, -1:]
+            mask = None if batch.attention_mask is None else batch.attention_mask[:, :, -1:]
             for index in range(self.num_full_layers, self.num_layers):
                 hidden = self._layer(index, hidden, rope, batch, mask, None)
         elif not batch.wants_logits:

@@ -1,0 +1,242 @@
+"""Engine speed: TTFT, decode and prompt-heavy serving throughput, SwiftKV vs base, in one run.
+
+Systems (same weights, dtype and threads):
+  hf            transformers generate on the base model (prefill = one forward with logits_to_keep=1)
+  engine-base   this engine on the base model
+  swiftkv-g1    this engine on SwiftKV-50% (num_key_value_layers=15 of 30, no AcrossKV)
+  swiftkv-g2    this engine on SwiftKV with AcrossKV groups of 2 (num_key_value_layers=16: (30-l) % 2 == 0)
+Serving replays Poisson arrivals of `--requests` requests (`--input-len` in / `--output-len` out) into the
+engine in-process, under one fixed KV-cache budget; metrics are named as in `vllm bench serve`.
+Speed does not depend on the SwiftKV weights, so an untrained conversion is measured.
+Writes JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from swiftkv.convert import convert_to_swiftkv
+from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
+from swiftkv.engine.llm_engine import request_output
+from swiftkv.eval.data import data_file
+from swiftkv.loading import DEFAULT_MODEL, load_model, load_tokenizer
+
+
+def engine_ttft(engine: LLMEngine, prompt: list[int], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        sequence = engine.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+        times.append(request_output(sequence).ttft_s)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def hf_ttft(model, prompt: list[int], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(torch.tensor([prompt]), logits_to_keep=1, use_cache=True).logits.argmax(-1)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def engine_decode_ms(engine: LLMEngine, prompts: list[list[int]], tokens: int) -> dict:
+    sequences = [engine.add_request(p, SamplingParams(max_tokens=tokens, ignore_eos=True)) for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+    per_stream = [1000 * (s.token_times[-1] - s.token_times[0]) / (len(s.token_times) - 1) for s in sequences]
+    span = max(s.token_times[-1] for s in sequences) - min(s.token_times[0] for s in sequences)
+    return {"ms_per_token_per_stream": statistics.mean(per_stream),
+            "output_tokens_per_second": len(prompts) * (tokens - 1) / span}
+
+
+@torch.inference_mode()
+def hf_decode_ms(model, prompt: list[int], tokens: int) -> dict:
+    input_ids = torch.tensor([prompt])
+    start = time.perf_counter()
+    model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=1, do_sample=False)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens, do_sample=False,
+                   eos_token_id=None, pad_token_id=0)
+    per_token = (time.perf_counter() - start - prefill) / (tokens - 1)
+    return {"ms_per_token_per_stream": 1000 * per_token, "output_tokens_per_second": 1 / per_token}
+
+
+def summarize(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "median": float(np.median(values)), "p99": float(np.percentile(values, 99))}
+
+
+def serve_engine(engine: LLMEngine, prompts: list[list[int]], arrivals: list[float], output_len: int) -> dict:
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    sequences, pending, start = [], list(zip(arrivals, prompts)), time.perf_counter()
+    while pending or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while pending and pending[0][0] <= now:
+            arrival, prompt = pending.pop(0)
+            sequence = engine.add_request(prompt, params)
+            sequence.arrival_time = start + arrival
+            sequences.append(sequence)
+        if engine.has_unfinished():
+            engine.step()
+        elif pending:
+            time.sleep(min(0.01, pending[0][0] - now))
+    return serving_metrics(sequences, time.perf_counter() - start, output_len)
+
+
+@torch.inference_mode()
+def serve_hf(model, prompts: list[list[int]], arrivals: list[float], output_len: int) -> dict:
+    """First come, first served, one request at a time (what a plain `generate` loop gives)."""
+    records, clock = [], 0.0
+    for arrival, prompt in zip(arrivals, prompts):
+        clock = max(clock, arrival)
+        input_ids = torch.tensor([prompt])
+        start = time.perf_counter()
+        output = model(input_ids, logits_to_keep=1, use_cache=True)
+        first = time.perf_counter() - start
+        past, token, token_times = output.past_key_values, output.logits[:, -1:].argmax(-1), [first]
+        for _ in range(output_len - 1):
+            output = model(token, past_key_values=past, use_cache=True)
+            past, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+            token_times.append(time.perf_counter() - start)
+        records.append({"ttft": clock - arrival + first, "token_times": token_times})
+        clock += token_times[-1]
+    ttft = [r["ttft"] for r in records]
+    tpot = [(r["token_times"][-1] - r["token_times"][0]) / (output_len - 1) for r in records]
+    itl = [b - a for r in records for a, b in zip(r["token_times"], r["token_times"][1:])]
+    duration = clock - arrivals[0]
+    return _metrics(ttft, tpot, itl, duration, len(prompts), sum(map(len, prompts)), output_len)
+
+
+def serving_metrics(sequences, duration: float, output_len: int) -> dict:
+    ttft = [s.first_token_time - s.arrival_time for s in sequences]
+    tpot = [(s.token_times[-1] - s.token_times[0]) / (len(s.token_times) - 1) for s in sequences]
+    itl = [b - a for s in sequences for a, b in zip(s.token_times, s.token_times[1:])]
+    result = _metrics(ttft, tpot, itl, duration, len(sequences), sum(s.num_prompt_tokens for s in sequences), output_len)
+    result["preemptions"] = sum(s.num_preemptions for s in sequences)
+    return result
+
+
+def _metrics(ttft, tpot, itl, duration, requests, input_tokens, output_len) -> dict:
+    return {"duration_s": duration, "completed": requests,
+            "request_throughput": requests / duration,
+            "output_throughput": requests * output_len / duration,
+            "total_token_throughput": (input_tokens + requests * output_len) / duration,
+            "ttft_ms": {k: 1000 * v for k, v in summarize(ttft).items()},
+            "tpot_ms": {k: 1000 * v for k, v in summarize(tpot).items()},
+            "itl_ms": {k: 1000 * v for k, v in summarize(itl).items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--ttft-lengths", type=int, nargs="+", default=[512, 2048, 4096])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-batch", type=int, default=16)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--input-len", type=int, default=2000)
+    parser.add_argument("--output-len", type=int, default=100)
+    parser.add_argument("--request-rate", type=float, default=1.0, help="Poisson arrivals per second")
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=0.25)
+    parser.add_argument("--systems", nargs="+", default=["hf", "engine-base", "swiftkv-g1", "swiftkv-g2"])
+    parser.add_argument("--out", default="benchmarks/results/engine")
+    args = parser.parse_args()
+
+    tokenizer = load_tokenizer(args.model)
+    base = load_model(args.model, dtype=args.dtype)
+    text_ids = tokenizer(data_file("wikitext2_test_raw.txt").read_text()[:400_000], add_special_tokens=False).input_ids
+    rng = np.random.default_rng(0)
+    serve_prompts = [text_ids[i * 997:i * 997 + args.input_len] for i in range(args.requests)]
+    arrivals = np.cumsum(rng.exponential(1 / args.request_rate, args.requests)).tolist()
+    arrivals = [a - arrivals[0] for a in arrivals]
+    models = {"engine-base": base, "swiftkv-g1": convert_to_swiftkv(base, 15, 1),
+              "swiftkv-g2": convert_to_swiftkv(base, 16, 2)}
+    results = {"settings": vars(args), "threads": torch.get_num_threads(), "systems": {}}
+    for system in args.systems:
+        print(f"== {system}", flush=True)
+        row = {}
+        if system == "hf":
+            row["ttft_s"] = {n: hf_ttft(base, text_ids[:n], args.repeats) for n in args.ttft_lengths}
+            row["decode_1"] = hf_decode_ms(base, text_ids[:128], args.decode_tokens)
+            row["serving"] = serve_hf(base, serve_prompts, arrivals, args.output_len)
+        else:
+            config = EngineConfig(dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
+                                  max_prefill_tokens=max(args.ttft_lengths))
+            engine = LLMEngine(models[system], tokenizer, config)
+            row["kv_cache_capacity_tokens"] = engine.capacity_tokens
+            engine_ttft(engine, text_ids[:64], 1)  # warm-up
+            row["ttft_s"] = {n: engine_ttft(engine, text_ids[:n], args.repeats) for n in args.ttft_lengths}
+            row["decode_1"] = engine_decode_ms(engine, [text_ids[:128]], args.decode_tokens)
+            row[f"decode_{args.decode_batch}"] = engine_decode_ms(
+                engine, [text_ids[i * 500:i * 500 + 128] for i in range(args.decode_batch)], args.decode_tokens)
+            engine = LLMEngine(models[system], tokenizer, EngineConfig(dtype=args.dtype,
+                                                                        kv_cache_memory_gb=args.kv_cache_memory_gb))
+            row["serving"] = serve_engine(engine, serve_prompts, arrivals, args.output_len)
+        print(json.dumps(row, indent=1), flush=True)
+        results["systems"][system] = row
+    add_ratios(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    plot(results, out.with_suffix(".png"))
+    print(json.dumps(results["ratios"], indent=1))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+def add_ratios(results: dict) -> None:
+    systems = results["systems"]
+    base = systems.get("engine-base")
+    ratios = {}
+    for name, row in systems.items():
+        if base is None or name == "engine-base":
+            continue
+        ratios[name] = {
+            "ttft_speedup_vs_engine_base": {n: base["ttft_s"][n] / row["ttft_s"][n] for n in row["ttft_s"]},
+            "serving_throughput_vs_engine_base": row["serving"]["total_token_throughput"]
+            / base["serving"]["total_token_throughput"],
+        }
+    results["ratios"] = ratios
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = results["systems"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    lengths = list(next(iter(systems.values()))["ttft_s"])
+    width = 0.8 / len(systems)
+    for i, (name, row) in enumerate(systems.items()):
+        axes[0].bar([j + i * width for j in range(len(lengths))], [row["ttft_s"][n] for n in lengths], width, label=name)
+        axes[1].bar(i, row["decode_1"]["ms_per_token_per_stream"], label=name)
+        axes[2].bar(i, row["serving"]["total_token_throughput"], label=name)
+    axes[0].set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [str(n) for n in lengths])
+    axes[0].set_xlabel("prompt tokens")
+    axes[0].set_ylabel("TTFT (s, median)")
+    axes[0].legend()
+    axes[1].set_xticks(range(len(systems)), list(systems), rotation=20)
+    axes[1].set_ylabel("decode ms/token, 1 stream")
+    axes[2].set_xticks(range(len(systems)), list(systems), rotation=20)
+    s = results["settings"]
+    axes[2].set_ylabel(f"total tokens/s ({s['input_len']} in / {s['output_len']} out, {s['request_rate']} req/s)")
+    fig.suptitle(f"{s['model']} {s['dtype']}, {results['threads']} CPU threads, KV budget {s['kv_cache_memory_gb']} GB")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
