@@ -64,7 +64,8 @@ def _engine_config(args: argparse.Namespace):
     from swiftkv.engine import EngineConfig
 
     return EngineConfig(dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb, block_size=args.block_size,
-                        max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens)
+                        max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
+                        kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +74,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoding at once")
     parser.add_argument("--max-prefill-tokens", type=int, default=1024, help="prompt tokens per prefill chunk")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                        help="int8: 8-bit K/V with per-token scales (about 2x the tokens in the same memory)")
 
 
 def _serve(args: argparse.Namespace) -> None:

@@ -25,6 +25,7 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 32
     max_prefill_tokens: int = 1024
+    kv_cache_dtype: str = "auto"      # "int8": 8-bit K/V with per-token scales, ~2x the tokens
     device: str = "cpu"
 
 
@@ -53,7 +54,8 @@ class RequestOutput:
 class LLMEngine:
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
         self.tokenizer, self.config = tokenizer, config
-        self.runner = ModelRunner(model, int(config.kv_cache_memory_gb * 2**30), config.block_size)
+        self.runner = ModelRunner(model, int(config.kv_cache_memory_gb * 2**30), config.block_size,
+                                  config.kv_cache_dtype)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens), self.blocks)
         self.max_model_length = getattr(model.config, "max_position_embeddings", 2**31)

@@ -44,7 +44,10 @@ class Batch:
 
 
 class ModelRunner:
-    def __init__(self, model, kv_cache_bytes: int, block_size: int):
+    """`kv_cache_dtype="int8"` stores K/V as int8 with one scale per token and head (absmax / 127),
+    about half the bytes of bf16: the other half of the paper's KV-memory reduction."""
+
+    def __init__(self, model, kv_cache_bytes: int, block_size: int, kv_cache_dtype: str = "auto"):
         self.model = model.eval()
         self.decoder = model.model
         config = self.config = model.config
@@ -60,11 +63,19 @@ class ModelRunner:
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.block_size = block_size
-        bytes_per_block = 2 * self.num_kv_entries * block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        if kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {kv_cache_dtype!r}")
+        self.quantized = kv_cache_dtype == "int8"
+        storage = torch.int8 if self.quantized else self.dtype
+        bytes_per_head = self.head_dim * storage.itemsize + (self.dtype.itemsize if self.quantized else 0)
+        bytes_per_block = 2 * self.num_kv_entries * block_size * self.num_kv_heads * bytes_per_head
         self.num_blocks = int(kv_cache_bytes // bytes_per_block)
         shape = (self.num_kv_entries, max(self.num_blocks, 1) * block_size, self.num_kv_heads, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k_cache = torch.zeros(shape, dtype=storage, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=storage, device=self.device)
+        if self.quantized:
+            self.k_scale = torch.zeros(*shape[:-1], 1, dtype=self.dtype, device=self.device)
+            self.v_scale = torch.zeros(*shape[:-1], 1, dtype=self.dtype, device=self.device)
         self.group_leaders = config.group_leaders() if self.swiftkv else []
 
     def _project(self, linear, states: torch.Tensor, heads: int) -> torch.Tensor:
@@ -72,16 +83,27 @@ class ModelRunner:
 
     def _attend(self, query: torch.Tensor, entry: int, batch: Batch, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """query `[b, n, heads, d]` over the cache slots of each row -> `[b, n, heads * d]`."""
-        keys = self.k_cache[entry][batch.read_slots].transpose(1, 2)      # [b, kv_heads, T, d]
-        values = self.v_cache[entry][batch.read_slots].transpose(1, 2)
+        keys = self._read(self.k_cache, "k_scale", entry, batch.read_slots).transpose(1, 2)  # [b, kv_heads, T, d]
+        values = self._read(self.v_cache, "v_scale", entry, batch.read_slots).transpose(1, 2)
         causal = mask is None and query.shape[1] > 1
         output = F.scaled_dot_product_attention(query.transpose(1, 2), keys, values, attn_mask=mask,
                                                 is_causal=causal, scale=self.scaling, enable_gqa=True)
         return output.transpose(1, 2).reshape(*query.shape[:2], -1)
 
+    def _read(self, cache: torch.Tensor, scale_name: str, entry: int, slots: torch.Tensor) -> torch.Tensor:
+        states = cache[entry][slots]
+        if not self.quantized:
+            return states
+        return states.to(self.dtype) * getattr(self, scale_name)[entry][slots]
+
     def _write(self, entry: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.k_cache[entry][slots] = keys.reshape(-1, self.num_kv_heads, self.head_dim)
-        self.v_cache[entry][slots] = values.reshape(-1, self.num_kv_heads, self.head_dim)
+        for cache, scale_name, states in ((self.k_cache, "k_scale", keys), (self.v_cache, "v_scale", values)):
+            states = states.reshape(-1, self.num_kv_heads, self.head_dim)
+            if self.quantized:
+                scale = states.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
+                getattr(self, scale_name)[entry][slots] = scale.to(self.dtype)
+                states = (states / scale).round().clamp(-127, 127).to(torch.int8)
+            cache[entry][slots] = states
 
     def _layer(self, index: int, hidden: torch.Tensor, rope: tuple, batch: Batch, mask: Optional[torch.Tensor],
                write_slots: Optional[torch.Tensor]) -> torch.Tensor:
