@@ -11,32 +11,52 @@ from swiftkv.checkpoint import CheckpointError, validate_checkpoint
 from swiftkv.convert import convert_checkpoint
 from swiftkv.distill import DistillConfig, distill
 from swiftkv.distill.report import plot_learning_curve, summarize
+from swiftkv.eval.tasks import resolve_task
+
+
+EVAL_TASKS = ["vicuna_bench", "arc_easy"]  # real user prompts (fidelity) + a quick accuracy check
 
 
 def run_build(model: str, out_dir: str | Path, num_key_value_layers: str | float = 0.5,
               key_value_group_size: int = 1, config: DistillConfig | None = None, resume: bool = False,
-              corpus_prompts: int = 512, corpus_max_new_tokens: int = 128) -> dict:
-    """Run every stage (a stage whose output is already complete is reused); return the report dict."""
+              corpus_prompts: int = 512, corpus_max_new_tokens: int = 128, eval_limit: int | None = 80) -> dict:
+    """Run every stage (a stage whose output is already complete is reused); return the report dict.
+
+    `eval_limit=0` skips the side-by-side evaluation of the distilled model against its base.
+    """
     out_dir = Path(out_dir)
     started = time.perf_counter()
+    if eval_limit != 0:
+        try:  # find the evaluation data now, not after an hour of distillation
+            [resolve_task(task) for task in EVAL_TASKS]
+        except FileNotFoundError as error:
+            print(f"the final evaluation will be skipped: {error}")
+            eval_limit = 0
     converted = out_dir / "converted"
     try:
         validate_checkpoint(converted)
-        print(f"[1/3] reusing converted checkpoint {converted}")
+        print(f"[1/4] reusing converted checkpoint {converted}")
     except CheckpointError:
-        print(f"[1/3] converting {model} (num_key_value_layers={num_key_value_layers}, "
+        print(f"[1/4] converting {model} (num_key_value_layers={num_key_value_layers}, "
               f"key_value_group_size={key_value_group_size})")
         convert_checkpoint(model, converted, num_key_value_layers, key_value_group_size)
-    print("[2/3] teacher corpus + distillation")
+    print("[2/4] teacher corpus + distillation")
     final, state = distill(str(converted), out_dir, config=config, resume=resume, corpus_prompts=corpus_prompts,
                            corpus_max_new_tokens=corpus_max_new_tokens)
-    print("[3/3] report")
+    evaluation = ""
+    if eval_limit != 0:
+        print(f"[3/4] side-by-side evaluation ({', '.join(EVAL_TASKS)}, limit {eval_limit})")
+        from swiftkv.eval import evaluate
+
+        evaluate(str(final), EVAL_TASKS, limit=eval_limit, out_dir=out_dir / "eval")
+        evaluation = (out_dir / "eval" / "eval.md").read_text()
+    print("[4/4] report")
     report = {"base_model": model, "checkpoint": str(final), "num_key_value_layers": num_key_value_layers,
               "key_value_group_size": key_value_group_size, **summarize(state.history),
               "wall_seconds": time.perf_counter() - started}
     plot_learning_curve(state.history, out_dir / "learning_curve.png", title=f"SwiftKV distillation of {model}")
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "report.md").write_text(render_report(report))
+    (out_dir / "report.md").write_text(render_report(report) + evaluation.replace("# ", "## Evaluation: ", 1))
     print(render_report(report))
     return report
 

@@ -50,7 +50,8 @@ def _build(args: argparse.Namespace) -> None:
     from swiftkv.build import run_build
 
     run_build(args.model, args.out, args.num_key_value_layers, args.key_value_group_size, _distill_config(args),
-              resume=args.resume, corpus_prompts=args.corpus_prompts, corpus_max_new_tokens=args.corpus_max_new_tokens)
+              resume=args.resume, corpus_prompts=args.corpus_prompts, corpus_max_new_tokens=args.corpus_max_new_tokens,
+              eval_limit=args.eval_limit)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", default="runs/smollm2-swiftkv", help="run directory (default: %(default)s)")
     _add_layout_flags(build)
     _add_distill_config_flags(build)
+    build.add_argument("--eval-limit", type=int, default=80,
+                       help="examples per task in the final side-by-side evaluation (0 skips it)")
     build.set_defaults(run=_build)
     return parser
 
