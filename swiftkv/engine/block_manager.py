@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections import deque
 
+import torch
+
 from swiftkv.engine.sequence import Sequence
 
 
@@ -44,7 +46,9 @@ class BlockManager:
         sequence.block_table = []
         sequence.num_cached_tokens = 0
 
-    def slots(self, sequence: Sequence, start: int, end: int) -> list[int]:
-        """Flat cache slot of each token position in [start, end)."""
-        size, table = self.block_size, sequence.block_table
-        return [table[position // size] * size + position % size for position in range(start, end)]
+    def slots(self, sequence: Sequence, start: int, end: int) -> torch.Tensor:
+        """Flat cache slot `block * block_size + offset` of each token position in [start, end)."""
+        first, last = start // self.block_size, -(-end // self.block_size)
+        blocks = torch.tensor(sequence.block_table[first:last], dtype=torch.long)
+        slots = (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
+        return slots[start - first * self.block_size:end - first * self.block_size]

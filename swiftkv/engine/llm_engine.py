@@ -104,21 +104,22 @@ class LLMEngine:
         return Batch(
             input_ids=self._tensor(sequence.token_ids[start:end])[None],
             positions=positions[None],
-            write_slots=self._tensor(self.blocks.slots(sequence, start, end)),
-            read_slots=self._tensor(self.blocks.slots(sequence, 0, end))[None],
+            write_slots=self.blocks.slots(sequence, start, end).to(self.runner.device),
+            read_slots=self.blocks.slots(sequence, 0, end).to(self.runner.device)[None],
             attention_mask=None if start == 0 else (keys[None, :] <= positions[:, None])[None, None],
             wants_logits=end == len(sequence),
         )
 
     def _decode_batch(self, sequences: list[Sequence]) -> Batch:
         lengths = [len(s) for s in sequences]
-        width = max(lengths)
-        read = [self.blocks.slots(s, 0, len(s)) + [0] * (width - len(s)) for s in sequences]
+        read = torch.nn.utils.rnn.pad_sequence([self.blocks.slots(s, 0, len(s)) for s in sequences],
+                                               batch_first=True)
+        width = read.shape[1]
         return Batch(
             input_ids=self._tensor([[s.token_ids[-1]] for s in sequences]),
             positions=self._tensor([[n - 1] for n in lengths]),
-            write_slots=self._tensor([row[n - 1] for row, n in zip(read, lengths)]),
-            read_slots=self._tensor(read),
+            write_slots=read[torch.arange(len(sequences)), torch.tensor(lengths) - 1].to(self.runner.device),
+            read_slots=read.to(self.runner.device),
             attention_mask=None if len(sequences) == 1 else
             (torch.arange(width, device=self.runner.device)[None, :] < self._tensor(lengths)[:, None])[:, None, None],
         )
