@@ -90,10 +90,6 @@ class SwiftKVConfigMixin:
     def group_leaders(self) -> list[int]:
         return [i for i in range(self.num_key_value_layers, self.num_hidden_layers) if self.is_group_leader(i)]
 
-    def prefill_compute_fraction(self) -> float:
-        """Share of per-token layer work a long prompt still pays in SwiftKV mode (about l / L)."""
-        return self.num_key_value_layers / self.num_hidden_layers if self.swiftkv else 1.0
-
 
 class LlamaSwiftKVConfig(SwiftKVConfigMixin, LlamaConfig):
     """`llama_swiftkv`: Llama (and Llama-compatible Mistral) with SwiftKV fields."""
@@ -120,19 +116,11 @@ class Qwen2SwiftKVConfig(SwiftKVConfigMixin, Qwen2Config):
 SWIFTKV_CONFIG_CLASSES = {"llama": LlamaSwiftKVConfig, "mistral": LlamaSwiftKVConfig, "qwen2": Qwen2SwiftKVConfig}
 
 
-def kv_cache_fraction(config) -> float:
-    """Share of the base model's KV cache a SwiftKV config needs (1.0 for a base or `swiftkv=False` config)."""
-    if not getattr(config, "swiftkv", False):
-        return 1.0
-    return config.num_kv_cache_layers / config.num_hidden_layers
-
-
 __all__ = [
     "LlamaSwiftKVConfig",
     "Qwen2SwiftKVConfig",
     "SwiftKVConfigError",
     "SWIFTKV_CONFIG_CLASSES",
-    "kv_cache_fraction",
     "resolve_num_key_value_layers",
     "valid_num_key_value_layers",
     "validate_swiftkv_fields",
