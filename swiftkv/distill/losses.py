@@ -1,8 +1,7 @@
 """Knowledge-preserving distillation losses (SwiftKV reference: KL at temperature 2, optional hidden MSE).
 
-The logits KL over a 49k-token vocabulary is memory-bound and costs as much as the student's backward
-on a CPU; `torch.compile` fuses it into a couple of passes (about 4x faster here), with an eager
-fallback where no compiler is available.
+The logits KL over a 49k-token vocabulary is memory-bound on a CPU; `torch.compile` fuses it into a
+couple of passes, with an eager fallback where no compiler is available.
 """
 
 from __future__ import annotations
