@@ -34,6 +34,19 @@ def load_records(sources: list[str], teacher_for_corpus, tokenizer, corpus_promp
     return records
 
 
+def corpus_teacher(model: str, teacher: Optional[str] = None):
+    """A loader of the model that writes the default corpus: the separate teacher, or `model` with swiftkv off."""
+    from swiftkv.loading import load_model
+
+    def load():
+        generator = load_model(teacher or model, dtype="bfloat16")  # bf16: generation only, much faster here
+        if not teacher:
+            generator.config.swiftkv = False
+        return generator
+
+    return load
+
+
 def distill(model: str, out_dir: str | Path, data: list[str] | None = None, teacher: Optional[str] = None,
             config: DistillConfig | None = None, resume: bool = False, corpus_prompts: int = 512,
             corpus_max_new_tokens: int = 192) -> tuple[Path, TrainerState]:
@@ -52,16 +65,10 @@ def distill(model: str, out_dir: str | Path, data: list[str] | None = None, teac
     tokenizer = load_tokenizer(model)
     teacher_model = load_model(teacher, dtype="float32") if teacher else None
 
-    def corpus_teacher():
-        generator = load_model(teacher or model, dtype="bfloat16")  # bf16: generation only, much faster here
-        if not teacher:
-            generator.config.swiftkv = False
-        return generator
-
     from accelerate import PartialState
 
     with PartialState().main_process_first():  # one process writes the teacher corpus; the others read it
-        records = load_records(data or [DEFAULT_DATA], corpus_teacher, tokenizer, corpus_prompts,
+        records = load_records(data or [DEFAULT_DATA], corpus_teacher(model, teacher), tokenizer, corpus_prompts,
                                corpus_max_new_tokens, config.seed)
     train_blocks, eval_blocks = train_eval_blocks(records, tokenizer, config.seq_length, config.eval_fraction,
                                                   config.seed)

@@ -90,6 +90,17 @@ class ModelRunner:
             self.k_scale = torch.zeros(*shape[:-1], 1, dtype=self.dtype, device=self.device)
             self.v_scale = torch.zeros(*shape[:-1], 1, dtype=self.dtype, device=self.device)
         self.group_leaders = config.group_leaders() if self.swiftkv else []
+        if self.swiftkv:
+            self.single_input_kv = self._stacked_single_input_kv()
+
+    def _stacked_single_input_kv(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(weight, bias) of every group's `k_proj_swiftkv` then `v_proj_swiftkv`, stacked (a small copy)."""
+        projections = [projection for leader in self.group_leaders
+                       for projection in (self.decoder.layers[leader].self_attn.k_proj_swiftkv,
+                                          self.decoder.layers[leader].self_attn.v_proj_swiftkv)]
+        weight = torch.cat([p.weight.detach() for p in projections])
+        has_bias = projections[0].bias is not None
+        return weight, torch.cat([p.bias.detach() for p in projections]) if has_bias else None
 
     def _project(self, linear, states: torch.Tensor, heads: int) -> torch.Tensor:
         return linear(states).view(*states.shape[:-1], heads, self.head_dim)
@@ -129,14 +140,15 @@ class ModelRunner:
             states = states.to(self.dtype) * getattr(self, scale_name)[entry].index_select(1, flat)
         return states.view(self.num_kv_heads, *slots.shape, self.head_dim)
 
-    def _write(self, entry: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _write(self, entries: slice, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """K/V `[b, n, len(entries), kv_heads, d]` of the tokens at `slots` `[b * n]` into cache `entries`."""
         for cache, scale_name, states in ((self.k_cache, "k_scale", keys), (self.v_cache, "v_scale", values)):
-            states = states.reshape(-1, self.num_kv_heads, self.head_dim).transpose(0, 1)  # [kv_heads, n, d]
+            states = states.flatten(0, 1).permute(1, 2, 0, 3)  # [entries, kv_heads, b * n, d]
             if self.quantized:
                 scale = states.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
-                getattr(self, scale_name)[entry].index_copy_(1, slots, scale.to(self.dtype))
+                getattr(self, scale_name)[entries].index_copy_(2, slots, scale.to(self.dtype))
                 states = (states / scale).round().clamp(-127, 127).to(torch.int8)
-            cache[entry].index_copy_(1, slots, states)
+            cache[entries].index_copy_(2, slots, states)
 
     def _layer(self, index: int, hidden: torch.Tensor, rope: tuple, batch: Batch, mask: Optional[torch.Tensor],
                write_slots: Optional[torch.Tensor]) -> torch.Tensor:
@@ -149,19 +161,23 @@ class ModelRunner:
         if write_slots is not None:
             keys = apply_rotary_to_states(self._project(attention.k_proj, normed, self.num_kv_heads).transpose(1, 2), *rope)
             values = self._project(attention.v_proj, normed, self.num_kv_heads)
-            self._write(self.kv_entry[index], write_slots, keys.transpose(1, 2), values)
+            entry = self.kv_entry[index]
+            self._write(slice(entry, entry + 1), write_slots, keys.transpose(1, 2).unsqueeze(2), values.unsqueeze(2))
         hidden = hidden + attention.o_proj(self._attend(query.transpose(1, 2), self.kv_entry[index], batch, mask))
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     def _write_single_input_kv(self, hidden: torch.Tensor, rope: tuple, write_slots: torch.Tensor) -> None:
-        """SingleInputKV + AcrossKV: K/V of every group from `norm_swiftkv(hidden)` (layer l-1's output)."""
-        single_input = self.decoder.norm_swiftkv(hidden)
-        for leader in self.group_leaders:
-            attention = self.decoder.layers[leader].self_attn
-            keys = apply_rotary_to_states(
-                self._project(attention.k_proj_swiftkv, single_input, self.num_kv_heads).transpose(1, 2), *rope)
-            values = self._project(attention.v_proj_swiftkv, single_input, self.num_kv_heads)
-            self._write(self.kv_entry[leader], write_slots, keys.transpose(1, 2), values)
+        """SingleInputKV + AcrossKV: K/V of every group from `norm_swiftkv(hidden)` (layer l-1's output), as one
+        matmul over the groups' stacked projections, written to the groups' consecutive cache entries."""
+        rows, tokens = hidden.shape[:2]
+        groups = len(self.group_leaders)
+        projected = F.linear(self.decoder.norm_swiftkv(hidden), *self.single_input_kv)
+        projected = projected.view(rows, tokens, groups, 2, self.num_kv_heads, self.head_dim)
+        keys = projected[:, :, :, 0].reshape(rows, tokens, groups * self.num_kv_heads, self.head_dim)
+        keys = apply_rotary_to_states(keys.transpose(1, 2), *rope).transpose(1, 2)
+        first = self.kv_entry[self.group_leaders[0]]
+        self._write(slice(first, first + groups), write_slots,
+                    keys.view(rows, tokens, groups, self.num_kv_heads, self.head_dim), projected[:, :, :, 1])
 
     @torch.inference_mode()
     def forward(self, batch: Batch) -> Optional[torch.Tensor]:
