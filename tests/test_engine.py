@@ -30,6 +30,13 @@ def engine_for(model, **options):
     return LLMEngine(model, make_tiny_tokenizer(), EngineConfig(**options))
 
 
+def engine_with_room_for(model, tokens: int, **options):
+    """An engine whose KV budget holds exactly `tokens` tokens."""
+    runner = engine_for(model).runner
+    bytes_per_token = 2 * runner.num_kv_entries * runner.num_kv_heads * runner.head_dim * 4  # K and V, float32
+    return engine_for(model, kv_cache_memory_gb=tokens * bytes_per_token / 2**30, **options)
+
+
 def run(engine, token_prompts, params):
     sequences = [engine.add_request(p, params) for p in token_prompts]
     while engine.has_unfinished():
@@ -79,13 +86,21 @@ def test_chunked_prefill_gives_the_same_tokens():
 def test_preemption_under_memory_pressure_loses_no_request():
     model = swiftkv_model()
     reference = run(engine_for(model), prompts(6), GREEDY)
-    runner = engine_for(model).runner
-    bytes_per_token = 2 * runner.num_kv_entries * runner.num_kv_heads * runner.head_dim * 4  # K and V, float32
-    small = engine_for(model, kv_cache_memory_gb=64 * bytes_per_token / 2**30)
+    small = engine_with_room_for(model, 64, reserve_output_tokens=False)
     assert small.capacity_tokens == 64 < sum(len(p) + 10 for p in prompts(6))
     outputs = run(small, prompts(6), GREEDY)
     assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
     assert sum(o.num_preemptions for o in outputs) > 0
+    assert small.blocks.usage == 0
+
+
+def test_reserving_output_room_avoids_preemption_under_the_same_pressure():
+    model = swiftkv_model()
+    reference = run(engine_for(model), prompts(6), GREEDY)
+    small = engine_with_room_for(model, 64)  # reserve_output_tokens=True by default
+    outputs = run(small, prompts(6), GREEDY)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
+    assert sum(o.num_preemptions for o in outputs) == 0
     assert small.blocks.usage == 0
 
 

@@ -26,6 +26,7 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_prefill_tokens: int = 1024
     kv_cache_dtype: str = "auto"      # "int8": 8-bit K/V with per-token scales, ~2x the tokens
+    reserve_output_tokens: bool = True  # admit a prompt only with KV room for every max_tokens: no preemption
     device: str = "cpu"
 
 
@@ -57,7 +58,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, int(config.kv_cache_memory_gb * 2**30), config.block_size,
                                   config.kv_cache_dtype)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens), self.blocks)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens,
+                                                         config.reserve_output_tokens), self.blocks)
         self.max_model_length = getattr(model.config, "max_position_embeddings", 2**31)
         self.eos_token_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.config, "eos_token_id", None)))
         self.eos_token_ids.discard(None)

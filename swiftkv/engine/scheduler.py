@@ -3,6 +3,10 @@
 Memory runs out -> the newest running sequence is preempted: its blocks are freed and it goes back to
 the front of the queue, to be prefilled again (prompt + tokens so far) when memory frees up. Nothing is
 lost and nothing crashes; a request that cannot fit even alone is rejected when it is added.
+
+With `reserve_output_tokens` (the default) a new prompt is admitted only while every admitted sequence can
+still grow to its `max_tokens`, so preemption never happens: recomputing a 2k-token prompt costs seconds
+on a CPU, far more than the concurrency that optimistic admission gains.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from swiftkv.engine.sequence import Sequence, Status
 class SchedulerConfig:
     max_num_seqs: int = 32                 # sequences decoding at once
     max_prefill_tokens: int = 1024         # prompt tokens per prefill chunk
+    reserve_output_tokens: bool = True     # admit prompts only with room for every max_tokens (no preemption)
 
 
 @dataclass
@@ -59,10 +64,18 @@ class Scheduler:
             sequence = self.waiting[0]
             start = sequence.num_cached_tokens
             end = min(len(sequence), start + self.config.max_prefill_tokens)
-            if self.blocks.can_reserve(sequence, end):
+            if self._admits(sequence) and self.blocks.can_reserve(sequence, end):
                 self.blocks.reserve(sequence, end)
                 step.prefill, step.prefill_range = sequence, (start, end)
         return step
+
+    def _admits(self, sequence: Sequence) -> bool:
+        """Room for `sequence` and every running sequence to reach prompt + max_tokens (or nothing runs)."""
+        if not self.config.reserve_output_tokens or not self.running:
+            return True
+        admitted = [*self.running, sequence]
+        needed = sum(self.blocks.blocks_needed(s, s.num_prompt_tokens + s.params.max_tokens) for s in admitted)
+        return needed <= len(self.blocks.free_blocks)
 
     def prefill_done(self, sequence: Sequence, end: int) -> None:
         sequence.num_cached_tokens = end
