@@ -15,6 +15,7 @@ import torch
 from swiftkv.checkpoint import save_checkpoint
 from swiftkv.convert import convert_to_swiftkv
 from swiftkv.distill import DistillConfig, DistillTrainer
+from swiftkv.distill.corpus import teacher_fingerprint
 from swiftkv.distill.data import DataError, encode_record, pack_sequences, read_records, train_eval_blocks
 from swiftkv.distill.losses import _CompiledWithFallback, _kl_teacher_student, logits_distillation_loss
 from swiftkv.distill.prompts import builtin_prompts
@@ -150,6 +151,14 @@ def test_compiled_loss_matches_eager(monkeypatch):
     assert compiled.compiled is not None, "torch.compile fell back to eager"
     torch.testing.assert_close(logits_distillation_loss(student_logits, teacher_logits, 2.0),
                                _kl_teacher_student(student_logits, teacher_logits, 2.0))
+
+
+def test_teacher_corpus_is_shared_across_swiftkv_settings_of_one_base_model():
+    """The teacher runs with swiftkv off, so l and the group size must not force a new corpus."""
+    base = make_base_model("llama")
+    fingerprints = {teacher_fingerprint(convert_to_swiftkv(base, l, g)) for l, g in ((3, 1), (4, 2), (2, 1))}
+    assert len(fingerprints) == 1
+    assert teacher_fingerprint(convert_to_swiftkv(make_base_model("llama", seed=1), 3, 1)) not in fingerprints
 
 
 def test_packing_keeps_every_token_in_order_without_padding():
