@@ -58,8 +58,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, int(config.kv_cache_memory_gb * 2**30), config.block_size,
                                   config.kv_cache_dtype)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens,
-                                                         config.reserve_output_tokens), self.blocks)
+        scheduling = SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens, config.reserve_output_tokens)
+        self.scheduler = Scheduler(scheduling, self.blocks)
         self.max_model_length = getattr(model.config, "max_position_embeddings", 2**31)
         self.eos_token_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.config, "eos_token_id", None)))
         self.eos_token_ids.discard(None)

@@ -4,15 +4,15 @@ The runner reuses the checkpoint's own modules (norms, projections, MLPs, rotary
 only what is new: where K/V live and which tokens run which layers.
 
 Cache layout: `k_cache` / `v_cache` are `[kv_entries, kv_heads, num_slots, head_dim]`, a slot being
-`block * block_size + offset`. Head-major, so gathering a sequence's slots (`index_select`) gives each head's
-keys contiguous, ready for attention without another copy. A base model has one entry per layer; SwiftKV has one per layer `< l`
-and one per AcrossKV group.
+`block * block_size + offset`; head-major, so gathering a sequence's slots (`index_select`) gives each head's
+keys contiguous, ready for attention without another copy. A base model has one entry per layer; SwiftKV
+has one per layer `< l` and one per AcrossKV group (consecutive, so SingleInputKV writes them in one op).
 
 Prefill of a prompt chunk `[start, end)`:
   * layers `< l` run on every chunk token and write their K/V;
   * SwiftKV: `norm_swiftkv` of layer `l-1`'s output gives every group's K/V for the chunk (SingleInputKV);
   * layers `>= l` run only for the prompt's last token, and only in the chunk that holds it.
-Decode runs every layer for one new token per sequence, as a batch.
+Decode runs every layer for one new token per sequence, as a batch; its attention is two small matmuls.
 """
 
 from __future__ import annotations

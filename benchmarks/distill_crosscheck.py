@@ -1,0 +1,58 @@
+"""Score distilled SwiftKV checkpoints on the held-out teacher prompts of each default-corpus setting.
+
+Each `benchmarks/distill.py` run reports agreement on the held-out part of its own corpus, so two recipes
+with different corpora (e.g. 512 prompts x 128 tokens vs 1000 x 192) are scored on different prompts.
+This puts every checkpoint on every held-out set, with the trainer's own metric (packed blocks, bf16
+autocast, KL at T=1 and top-1 agreement against the same weights with swiftkv off). Writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from swiftkv.distill import DEFAULT_DATA, DistillConfig, corpus_teacher, load_records
+from swiftkv.distill.data import train_eval_blocks
+from swiftkv.distill.trainer import DistillTrainer
+from swiftkv.loading import load_model, load_tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", nargs="+", required=True, help="distilled SwiftKV checkpoints")
+    parser.add_argument("--corpora", nargs="+", default=["512x128", "1000x192"],
+                        help="default-corpus settings as PROMPTSxMAX_NEW_TOKENS")
+    parser.add_argument("--teacher", default="runs/bench-distill/converted",
+                        help="the checkpoint whose swiftkv-off mode wrote the corpora (any conversion of the base)")
+    parser.add_argument("--out", default="benchmarks/results/distill_crosscheck.json")
+    args = parser.parse_args()
+
+    config = DistillConfig()  # max_eval_blocks as in training, so numbers match the runs' own reports
+    tokenizer = load_tokenizer(args.teacher)
+    held_out = {}
+    for corpus in args.corpora:
+        prompts, max_new_tokens = (int(part) for part in corpus.split("x"))
+        records = load_records([DEFAULT_DATA], corpus_teacher(args.teacher), tokenizer, prompts, max_new_tokens,
+                               config.seed)
+        held_out[corpus] = train_eval_blocks(records, tokenizer, config.seq_length, config.eval_fraction,
+                                             config.seed)[1]
+    results = {}
+    for checkpoint in args.checkpoints:
+        student = load_model(checkpoint, dtype="float32")
+        student.config.swiftkv = True
+        results[checkpoint] = {}
+        for corpus, blocks in held_out.items():
+            with tempfile.TemporaryDirectory() as run_dir:
+                scores = DistillTrainer(student, blocks, blocks, config, run_dir).evaluate()
+            results[checkpoint][corpus] = {**scores, "blocks": len(blocks)}
+            print(checkpoint, corpus, scores, flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
