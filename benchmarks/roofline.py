@@ -57,7 +57,6 @@ def main() -> None:
     model = load_model(args.model, dtype="bfloat16")
     config = model.config
     dtype, tokens = torch.bfloat16, args.prompt_tokens
-    rows = torch.randn(tokens, config.hidden_size, dtype=dtype)
 
     # Prefill: one layer's linears on every prompt row (input width differs for down_proj).
     weights = layer_linears(model)
@@ -69,7 +68,7 @@ def main() -> None:
     key = torch.randn(1, config.num_key_value_heads, tokens, head_dim, dtype=dtype)
     layer_attention_s = timed(
         lambda: F.scaled_dot_product_attention(query, key, key, is_causal=True, enable_gqa=True), args.repeats)
-    del rows, inputs
+    del inputs
 
     # Decode: stream bandwidth, then the real weights through matrix-vector products.
     big = torch.ones(2**29, dtype=dtype)  # 1 GiB
