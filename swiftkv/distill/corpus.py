@@ -20,14 +20,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SWIFTKV_CACHE", Path.home() / ".cache" / "swiftkv"))
 
 
-# A teacher runs with swiftkv off, so these fields do not change what it writes: SwiftKV conversions of one
-# base model at different l / group sizes share one corpus.
-SWIFTKV_FIELDS = ("swiftkv", "num_key_value_layers", "key_value_group_size")
+# Fields that do not change what the teacher writes: it runs with swiftkv off, and where a checkpoint was
+# loaded from is not what it is. So conversions of one base model at any l / group size share one corpus.
+IGNORED_CONFIG_FIELDS = ("swiftkv", "num_key_value_layers", "key_value_group_size", "_name_or_path")
 
 
 def teacher_fingerprint(model) -> str:
     """Short hash of the teacher's config (less the SwiftKV fields) and a sample of its embedding weights."""
-    config = {k: v for k, v in model.config.to_dict().items() if k not in SWIFTKV_FIELDS}
+    config = {k: v for k, v in model.config.to_dict().items() if k not in IGNORED_CONFIG_FIELDS}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     digest.update(model.get_input_embeddings().weight[:64].detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
