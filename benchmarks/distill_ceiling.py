@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from swiftkv.distill import DEFAULT_DATA, DistillConfig, corpus_teacher, load_records
-from swiftkv.distill.data import encode_record, record_messages, train_eval_blocks
+from swiftkv.distill import DEFAULT_DATA, DistillConfig, distillation_blocks
+from swiftkv.distill.data import encode_record, record_messages, split_records
 from swiftkv.distill.trainer import DistillTrainer
 from swiftkv.loading import load_model, load_tokenizer
 from swiftkv.models.swiftkv import swiftkv_mode
@@ -51,19 +51,21 @@ def main() -> None:
     parser.add_argument("--model", default="runs/bench-distill/converted")
     parser.add_argument("--max-steps", type=int, default=150)
     parser.add_argument("--learning-rate", type=float, default=DistillConfig.learning_rate)
+    parser.add_argument("--least-squares-blocks", type=int, default=0,
+                        help="0 (as in the committed result): start from the paper's copies")
     parser.add_argument("--corpus-prompts", type=int, default=512)
     parser.add_argument("--corpus-max-new-tokens", type=int, default=128)
     parser.add_argument("--out", default="benchmarks/results/distill_ceiling")
     args = parser.parse_args()
 
     config = DistillConfig(max_steps=args.max_steps, learning_rate=args.learning_rate, eval_every=10,
-                           save_every=args.max_steps, keep_checkpoints=1)
+                           save_every=args.max_steps, keep_checkpoints=1,
+                           least_squares_blocks=args.least_squares_blocks)
     tokenizer = load_tokenizer(args.model)
-    records = load_records([DEFAULT_DATA], corpus_teacher(args.model), tokenizer, args.corpus_prompts,
-                           args.corpus_max_new_tokens, config.seed)
-    _, held_out = train_eval_blocks(records, tokenizer, config.seq_length, config.eval_fraction, config.seed)
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    held_out_records = [records[i] for i in order[:max(1, round(len(records) * config.eval_fraction))]]
+    records, _, held_out = distillation_blocks([DEFAULT_DATA], args.model, tokenizer, config,
+                                               corpus_prompts=args.corpus_prompts,
+                                               corpus_max_new_tokens=args.corpus_max_new_tokens)
+    _, held_out_records = split_records(records, config.eval_fraction, config.seed)
 
     student = load_model(args.model, dtype="float32")
     student.config.swiftkv = True

@@ -13,8 +13,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from swiftkv.distill import DEFAULT_DATA, DistillConfig, corpus_teacher, load_records
-from swiftkv.distill.data import train_eval_blocks
+from swiftkv.distill import DEFAULT_DATA, DistillConfig, distillation_blocks
 from swiftkv.distill.trainer import DistillTrainer
 from swiftkv.loading import load_model, load_tokenizer
 
@@ -34,10 +33,8 @@ def main() -> None:
     held_out = {}
     for corpus in args.corpora:
         prompts, max_new_tokens = (int(part) for part in corpus.split("x"))
-        records = load_records([DEFAULT_DATA], corpus_teacher(args.teacher), tokenizer, prompts, max_new_tokens,
-                               config.seed)
-        held_out[corpus] = train_eval_blocks(records, tokenizer, config.seq_length, config.eval_fraction,
-                                             config.seed)[1]
+        held_out[corpus] = distillation_blocks([DEFAULT_DATA], args.teacher, tokenizer, config,
+                                               corpus_prompts=prompts, corpus_max_new_tokens=max_new_tokens)[2]
     results = {}
     for checkpoint in args.checkpoints:
         student = load_model(checkpoint, dtype="float32")

@@ -71,10 +71,12 @@ def render_report(report: dict) -> str:
         f"Checkpoint: `{report['checkpoint']}` (num_key_value_layers={report['num_key_value_layers']}, "
         f"key_value_group_size={report['key_value_group_size']})",
         "",
-        "| held-out teacher prompts | before distillation | after |",
-        "|---|---|---|",
-        f"| top-1 agreement with base | {fmt(report['eval_top1_agreement_before'])} | {fmt(report['eval_top1_agreement_after'])} |",
-        f"| KL(base ‖ SwiftKV), nats/token | {fmt(report['eval_kl_before'])} | {fmt(report['eval_kl_after'])} |",
+        "| held-out teacher prompts | converted | least-squares K/V start | distilled |",
+        "|---|---|---|---|",
+        f"| top-1 agreement with base | {fmt(report['eval_top1_agreement_before'])} | "
+        f"{fmt(report.get('eval_top1_agreement_least_squares'))} | {fmt(report['eval_top1_agreement_after'])} |",
+        f"| KL(base ‖ SwiftKV), nats/token | {fmt(report['eval_kl_before'])} | "
+        f"{fmt(report.get('eval_kl_least_squares'))} | {fmt(report['eval_kl_after'])} |",
         "",
         f"Distillation: {report['steps']} steps, {report['tokens_seen']} tokens, {report['train_seconds'] / 60:.1f} min "
         f"({report['tokens_per_second']:.0f} tokens/s); whole build {report['wall_seconds'] / 60:.1f} min.",

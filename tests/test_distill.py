@@ -16,6 +16,7 @@ from swiftkv.checkpoint import save_checkpoint
 from swiftkv.convert import convert_to_swiftkv
 from swiftkv.distill import DistillConfig, DistillTrainer
 from swiftkv.distill.corpus import teacher_fingerprint
+from swiftkv.distill.least_squares import fit_single_input_key_values
 from swiftkv.distill.data import DataError, encode_record, pack_sequences, read_records, train_eval_blocks
 from swiftkv.distill.losses import _CompiledWithFallback, _kl_teacher_student, logits_distillation_loss
 from swiftkv.distill.prompts import builtin_prompts
@@ -75,6 +76,35 @@ def test_distillation_lowers_held_out_kl_and_raises_agreement(tmp_path):
     before, after = state.history[0], state.history[-1]
     assert after["eval_kl"] < 0.75 * before["eval_kl"]
     assert after["eval_top1_agreement"] > before["eval_top1_agreement"]
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_least_squares_start_recovers_keys_and_values_that_are_linear_in_the_single_input(family, group_size):
+    # Layer l's own input is the single input, so its k/v_proj are the exact fit whatever the perturbation.
+    first = 4
+    model = convert_to_swiftkv(make_base_model(family, **SHARP), num_key_value_layers=first,
+                               key_value_group_size=group_size)
+    perturb_swiftkv_weights(model, scale=0.3)
+    model.model.norm_swiftkv.weight.data.copy_(model.model.layers[first].input_layernorm.weight)
+    fit = fit_single_input_key_values(model, blocks(48), ridge=1e-10, show_progress=False)
+    attention = model.model.layers[first].self_attn
+    for name in ("k_proj", "v_proj"):
+        fitted, exact = getattr(attention, f"{name}_swiftkv"), getattr(attention, name)
+        torch.testing.assert_close(fitted.weight, exact.weight, atol=1e-3, rtol=1e-3)
+        if exact.bias is not None:
+            torch.testing.assert_close(fitted.bias, exact.bias, atol=1e-3, rtol=1e-3)
+    assert fit.tokens == 48 * 24
+    assert fit.relative_error_after < fit.relative_error_before
+
+
+def test_least_squares_start_is_logged_and_beats_the_paper_copies_on_held_out_kl(tmp_path):
+    model = convert_to_swiftkv(make_base_model("llama", **SHARP), num_key_value_layers=3)
+    data = blocks(80)
+    state = DistillTrainer(model, data[8:], data[:8], quick_config(max_steps=1), tmp_path).train()
+    converted, fitted = state.history[0], state.history[1]
+    assert (converted["stage"], fitted["stage"]) == ("converted", "least_squares")
+    assert fitted["eval_kl"] < converted["eval_kl"]
+    assert fitted["key_value_relative_error_after"] < fitted["key_value_relative_error_before"]
 
 
 def test_hidden_state_loss_is_reported_when_enabled(tmp_path):

@@ -47,9 +47,20 @@ def corpus_teacher(model: str, teacher: Optional[str] = None):
     return load
 
 
+def distillation_blocks(sources: list[str], model: str, tokenizer, config: DistillConfig,
+                        teacher: Optional[str] = None, corpus_prompts: int = 512,
+                        corpus_max_new_tokens: int = 128) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+    """Records of `sources`, and their packed training and held-out blocks (the split every run uses)."""
+    records = load_records(sources, corpus_teacher(model, teacher), tokenizer, corpus_prompts,
+                           corpus_max_new_tokens, config.seed)
+    train_blocks, eval_blocks = train_eval_blocks(records, tokenizer, config.seq_length, config.eval_fraction,
+                                                  config.seed)
+    return records, train_blocks, eval_blocks
+
+
 def distill(model: str, out_dir: str | Path, data: list[str] | None = None, teacher: Optional[str] = None,
             config: DistillConfig | None = None, resume: bool = False, corpus_prompts: int = 512,
-            corpus_max_new_tokens: int = 192) -> tuple[Path, TrainerState]:
+            corpus_max_new_tokens: int = 128) -> tuple[Path, TrainerState]:
     """Distill the SwiftKV checkpoint `model` and save the result (full checkpoint + tokenizer) to `out_dir`."""
     from swiftkv.checkpoint import save_checkpoint
     from swiftkv.loading import load_model, load_tokenizer
@@ -68,10 +79,8 @@ def distill(model: str, out_dir: str | Path, data: list[str] | None = None, teac
     from accelerate import PartialState
 
     with PartialState().main_process_first():  # one process writes the teacher corpus; the others read it
-        records = load_records(data or [DEFAULT_DATA], corpus_teacher(model, teacher), tokenizer, corpus_prompts,
-                               corpus_max_new_tokens, config.seed)
-    train_blocks, eval_blocks = train_eval_blocks(records, tokenizer, config.seq_length, config.eval_fraction,
-                                                  config.seed)
+        _, train_blocks, eval_blocks = distillation_blocks(data or [DEFAULT_DATA], model, tokenizer, config, teacher,
+                                                           corpus_prompts, corpus_max_new_tokens)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "distill_config.json").write_text(json.dumps(
         {**config.to_dict(), "model": model, "teacher": teacher, "data": data or [DEFAULT_DATA],
@@ -85,4 +94,4 @@ def distill(model: str, out_dir: str | Path, data: list[str] | None = None, teac
     return out_dir / "model", state
 
 
-__all__ = ["DistillConfig", "DistillTrainer", "DataError", "distill", "load_records"]
+__all__ = ["DistillConfig", "DistillTrainer", "DataError", "distill", "distillation_blocks", "load_records"]

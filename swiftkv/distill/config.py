@@ -19,6 +19,7 @@ class DistillConfig:
     seq_length: int = 512                # packed block length in tokens
     micro_batch_size: int = 4            # blocks per forward
     gradient_accumulation_steps: int = 1
+    least_squares_blocks: int = 256      # training blocks for the closed-form K/V start; 0 = paper's copies
     max_steps: int = 400                 # optimizer steps; the schedule spans them
     max_grad_norm: float = 1.0
     eval_every: int = 25
@@ -37,6 +38,8 @@ class DistillConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.least_squares_blocks < 0:
+            raise ValueError(f"least_squares_blocks must be >= 0, got {self.least_squares_blocks}")
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.eval_fraction < 1:
             raise ValueError("warmup_ratio and eval_fraction must be in [0, 1)")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):

@@ -114,13 +114,20 @@ def pack_sequences(sequences: list[list[int]], block_length: int) -> torch.Tenso
     return torch.tensor(flat[: num_blocks * block_length], dtype=torch.long).view(num_blocks, block_length)
 
 
-def train_eval_blocks(records: list[dict], tokenizer, block_length: int, eval_fraction: float,
-                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split records (not blocks) into train / held-out, so held-out prompts are never trained on."""
+def split_records(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded split of records (not blocks) into train / held-out, so held-out prompts are never trained on."""
     if not records:
         raise DataError("no training records")
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
     num_eval = max(1, round(len(records) * eval_fraction)) if eval_fraction > 0 else 0
-    encoded = [encode_record(records[i], tokenizer) for i in order]
-    eval_blocks = pack_sequences(encoded[:num_eval], block_length) if num_eval else torch.empty(0, block_length)
-    return pack_sequences(encoded[num_eval:], block_length), eval_blocks
+    shuffled = [records[i] for i in order]
+    return shuffled[num_eval:], shuffled[:num_eval]
+
+
+def train_eval_blocks(records: list[dict], tokenizer, block_length: int, eval_fraction: float,
+                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed blocks of `split_records`: `[n_train, block_length]`, `[n_eval, block_length]`."""
+    train_records, eval_records = split_records(records, eval_fraction, seed)
+    eval_blocks = (pack_sequences([encode_record(r, tokenizer) for r in eval_records], block_length)
+                   if eval_records else torch.empty(0, block_length))
+    return pack_sequences([encode_record(r, tokenizer) for r in train_records], block_length), eval_blocks

@@ -8,6 +8,7 @@ from pathlib import Path
 def summarize(history: list[dict]) -> dict:
     """Held-out fidelity before/after, wall time and throughput of a run."""
     evals = [r for r in history if "eval_top1_agreement" in r]
+    fitted = next((r for r in evals if r.get("stage") == "least_squares"), None)
     steps = [r for r in history if "loss" in r]
     train_seconds = steps[-1]["train_seconds"] if steps else 0.0
     tokens = steps[-1]["tokens_seen"] if steps else 0
@@ -18,6 +19,8 @@ def summarize(history: list[dict]) -> dict:
         "tokens_per_second": tokens / train_seconds if train_seconds else 0.0,
         "eval_top1_agreement_before": evals[0]["eval_top1_agreement"] if evals else None,
         "eval_kl_before": evals[0]["eval_kl"] if evals else None,
+        "eval_top1_agreement_least_squares": fitted["eval_top1_agreement"] if fitted else None,
+        "eval_kl_least_squares": fitted["eval_kl"] if fitted else None,
         "eval_top1_agreement_after": evals[-1]["eval_top1_agreement"] if evals else None,
         "eval_kl_after": evals[-1]["eval_kl"] if evals else None,
     }

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from swiftkv.distill.config import DistillConfig
+from swiftkv.distill.least_squares import fit_single_input_key_values
 from swiftkv.distill.losses import hidden_state_loss, logits_distillation_loss
 from swiftkv.eval.fidelity import token_kl_and_agreement
 
@@ -236,6 +237,23 @@ class DistillTrainer:
         self.accelerator.load_state(str(checkpoint))
         return True
 
+    def initialize(self) -> None:
+        """Held-out scores of the converted model, then the least-squares K/V start and its scores (step 0)."""
+        config, state = self.config, self.state
+        self._log({"step": 0, "tokens_seen": 0, "stage": "converted", **self.evaluate()})
+        if config.least_squares_blocks == 0:
+            return
+        started = time.perf_counter()
+        with self.accelerator.autocast():
+            fit = fit_single_input_key_values(self.student, self.train_blocks[: config.least_squares_blocks],
+                                              config.micro_batch_size,
+                                              show_progress=self.accelerator.is_local_main_process)
+        state.train_seconds += time.perf_counter() - started
+        self._log({"step": 0, "tokens_seen": 0, "stage": "least_squares", "least_squares_tokens": fit.tokens,
+                   "key_value_relative_error_before": fit.relative_error_before,
+                   "key_value_relative_error_after": fit.relative_error_after,
+                   "train_seconds": state.train_seconds, **self.evaluate()})
+
     def _log(self, record: dict) -> None:
         self.state.history.append(record)
         if self.accelerator.is_main_process:
@@ -247,7 +265,7 @@ class DistillTrainer:
         config, accelerator, state = self.config, self.accelerator, self.state
         resumed = resume and self.resume()
         if not resumed and state.step == 0:
-            self._log({"step": 0, "tokens_seen": 0, **self.evaluate()})
+            self.initialize()
         self.model.train()
         bar = tqdm(total=config.max_steps, initial=state.step, desc="distill", unit="step",
                    disable=not accelerator.is_local_main_process)

@@ -1,0 +1,127 @@
+"""Closed-form start for distillation: fit the SingleInputKV projections to the teacher's keys and values.
+
+The paper starts `k/v_proj_swiftkv` of layer `j` as that layer's own `k/v_proj`, applied to the output of
+layer `l-1` instead of layer `j`'s input: a fresh SwiftKV-50% SmolLM2 then agrees with its base on about half
+the tokens. The best linear map from the single input `x = norm_swiftkv(h_{l-1})` to the keys/values the
+teacher computes at layer `j` is a ridge regression with a closed form, `W = (X^T X + λI)^{-1} X^T Y_j`;
+one teacher pass over some training blocks gives `X^T X` (hidden x hidden) and `X^T Y_j` for every layer,
+so the fit costs about one forward per block. Keys are fitted before RoPE, which is a rotation per position
+and leaves squared errors unchanged. For an AcrossKV group the leader's keys/values are the target, as in
+the paper's initialization. The KL distillation then starts from this fit instead of from the copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from swiftkv.models.swiftkv import swiftkv_mode
+
+
+@dataclass
+class LeastSquaresFit:
+    """What the fit did, for the run's logs: tokens used and the relative squared error before/after."""
+
+    tokens: int
+    relative_error_before: float
+    relative_error_after: float
+
+
+class _Moments:
+    """Running `X^T X`, `X^T Y` and `sum Y^2` (float64 totals of float32 per-batch products).
+
+    `Y` is every fitted projection's output side by side, so one Gram matrix and one product serve them all;
+    X gets a column of ones when the projections have a bias.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        self.bias = bias
+        size = in_features + int(bias)
+        self.xtx = torch.zeros(size, size, dtype=torch.float64)
+        self.xty = torch.zeros(size, out_features, dtype=torch.float64)
+        self.yty = torch.zeros(out_features, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.reshape(-1, x.shape[-1]).float(), y.reshape(-1, y.shape[-1]).float()
+        if self.bias:
+            x = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+        self.xtx += (x.T @ x).double()
+        self.xty += (x.T @ y).double()
+        self.yty += (y * y).sum(0).double()
+
+    def squared_error(self, weight: torch.Tensor) -> float:
+        """sum ||X W - Y||^2 for `weight` `[in (+1), out]`, from the moments alone."""
+        return (self.yty.sum() - 2 * (weight * self.xty).sum() + (weight * (self.xtx @ weight)).sum()).item()
+
+    def solve(self, ridge: float) -> torch.Tensor:
+        scale = self.xtx.diagonal().mean().clamp_min(1e-12)
+        regularized = self.xtx + ridge * scale * torch.eye(len(self.xtx), dtype=torch.float64)
+        return torch.linalg.solve(regularized, self.xty)
+
+
+def _weight_matrix(linear: nn.Linear) -> torch.Tensor:
+    """`[in (+1), out]` form of a linear layer, matching `_Moments`."""
+    weight = linear.weight.detach().double().T
+    if linear.bias is None:
+        return weight
+    return torch.cat([weight, linear.bias.detach().double()[None]], dim=0)
+
+
+@torch.no_grad()
+def fit_single_input_key_values(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4,
+                                ridge: float = 1e-4, show_progress: bool = True) -> LeastSquaresFit:
+    """Set every group leader's `k/v_proj_swiftkv` to the ridge fit of its teacher keys/values.
+
+    `blocks` `[n, seq]` are token ids (training data, never the held-out blocks). The teacher is `model`
+    with swiftkv off, so this needs no second model. `ridge` is relative to the mean diagonal of `X^T X`.
+    """
+    config, decoder = model.config, model.model
+    leaders = list(config.group_leaders())
+    if not leaders:
+        raise ValueError("the model has no SwiftKV layers to fit")
+    teacher_projections = [getattr(decoder.layers[leader].self_attn, name)
+                           for leader in leaders for name in ("k_proj", "v_proj")]
+    swiftkv_projections = [getattr(decoder.layers[leader].self_attn, f"{name}_swiftkv")
+                           for leader in leaders for name in ("k_proj", "v_proj")]
+    widths = [projection.out_features for projection in teacher_projections]
+    moments = _Moments(config.hidden_size, sum(widths), teacher_projections[0].bias is not None)
+
+    captured: dict = {}
+    hooks = [decoder.layers[config.num_key_value_layers].register_forward_pre_hook(
+        lambda module, args, kwargs: captured.__setitem__("single_input", args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True)]
+    for index, projection in enumerate(teacher_projections):
+        hooks.append(projection.register_forward_hook(
+            lambda module, args, output, index=index: captured.__setitem__(index, output)))
+    was_training = model.training
+    model.eval()
+    tokens = 0
+    try:
+        with swiftkv_mode(model, enabled=False):
+            device = next(model.parameters()).device
+            for start in tqdm(range(0, len(blocks), batch_size), desc="least-squares K/V fit", unit="batch",
+                              disable=not show_progress):
+                batch = blocks[start:start + batch_size].to(device)
+                model(batch, use_cache=False, logits_to_keep=1)
+                single_input = decoder.norm_swiftkv(captured["single_input"])
+                targets = torch.cat([captured[index] for index in range(len(teacher_projections))], dim=-1)
+                moments.add(single_input.cpu(), targets.cpu())
+                tokens += batch.numel()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+
+    current = torch.cat([_weight_matrix(projection) for projection in swiftkv_projections], dim=1)
+    solution = moments.solve(ridge)
+    total = moments.yty.sum().item()
+    fit = LeastSquaresFit(tokens, moments.squared_error(current) / total, moments.squared_error(solution) / total)
+    for projection, weight in zip(swiftkv_projections, solution.split(widths, dim=1)):
+        dtype = projection.weight.dtype
+        projection.weight.copy_(weight[: config.hidden_size].T.to(dtype))
+        if projection.bias is not None:
+            projection.bias.copy_(weight[config.hidden_size].to(dtype))
+    return fit
