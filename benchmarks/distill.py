@@ -24,17 +24,19 @@ def main() -> None:
     parser.add_argument("--key-value-group-size", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=DistillConfig.max_steps)
     parser.add_argument("--learning-rate", type=float, default=DistillConfig.learning_rate)
-    parser.add_argument("--corpus-prompts", type=int, default=512)
-    parser.add_argument("--corpus-max-new-tokens", type=int, default=128)
+    parser.add_argument("--corpus-prompts", type=int, default=DistillConfig.corpus_prompts)
+    parser.add_argument("--corpus-max-new-tokens", type=int, default=DistillConfig.corpus_max_new_tokens)
+    parser.add_argument("--corpus-samples", type=int, default=DistillConfig.corpus_samples)
     parser.add_argument("--run-dir", default="runs/bench-distill")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/distill")
     args = parser.parse_args()
 
-    config = DistillConfig(max_steps=args.max_steps, learning_rate=args.learning_rate)
+    config = DistillConfig(max_steps=args.max_steps, learning_rate=args.learning_rate,
+                           corpus_prompts=args.corpus_prompts, corpus_max_new_tokens=args.corpus_max_new_tokens,
+                           corpus_samples=args.corpus_samples)
     report = run_build(args.model, args.run_dir, args.num_key_value_layers, args.key_value_group_size, config,
-                       resume=args.resume, corpus_prompts=args.corpus_prompts,
-                       corpus_max_new_tokens=args.corpus_max_new_tokens)
+                       resume=args.resume)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({**report, "recipe": config.to_dict()}, indent=2))

@@ -60,11 +60,10 @@ def main() -> None:
 
     config = DistillConfig(max_steps=args.max_steps, learning_rate=args.learning_rate, eval_every=10,
                            save_every=args.max_steps, keep_checkpoints=1,
-                           least_squares_blocks=args.least_squares_blocks)
+                           least_squares_blocks=args.least_squares_blocks, corpus_prompts=args.corpus_prompts,
+                           corpus_max_new_tokens=args.corpus_max_new_tokens)
     tokenizer = load_tokenizer(args.model)
-    records, _, held_out = distillation_blocks([DEFAULT_DATA], args.model, tokenizer, config,
-                                               corpus_prompts=args.corpus_prompts,
-                                               corpus_max_new_tokens=args.corpus_max_new_tokens)
+    records, _, held_out = distillation_blocks([DEFAULT_DATA], args.model, tokenizer, config)
     _, held_out_records = split_records(records, config.eval_fraction, config.seed)
 
     student = load_model(args.model, dtype="float32")

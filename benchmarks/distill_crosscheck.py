@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 from swiftkv.distill import DEFAULT_DATA, DistillConfig, distillation_blocks
+from swiftkv.distill.data import encode_record, pack_sequences, split_records
+from swiftkv.distill.prompts import builtin_prompts
 from swiftkv.distill.trainer import DistillTrainer
 from swiftkv.loading import load_model, load_tokenizer
 
@@ -22,19 +24,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", nargs="+", required=True, help="distilled SwiftKV checkpoints")
     parser.add_argument("--corpora", nargs="+", default=["512x128", "1000x192"],
-                        help="default-corpus settings as PROMPTSxMAX_NEW_TOKENS")
+                        help="default-corpus settings as PROMPTSxMAX_NEW_TOKENS[xSAMPLES]")
     parser.add_argument("--teacher", default="runs/bench-distill/converted",
                         help="the checkpoint whose swiftkv-off mode wrote the corpora (any conversion of the base)")
+    parser.add_argument("--unseen-after", type=int, default=0,
+                        help="score only held-out prompts outside the first N built-in prompts: prompts that a "
+                             "model distilled on an N-prompt corpus never saw, whichever split it used")
     parser.add_argument("--out", default="benchmarks/results/distill_crosscheck.json")
     args = parser.parse_args()
 
-    config = DistillConfig()  # max_eval_blocks as in training, so numbers match the runs' own reports
     tokenizer = load_tokenizer(args.teacher)
     held_out = {}
     for corpus in args.corpora:
-        prompts, max_new_tokens = (int(part) for part in corpus.split("x"))
-        held_out[corpus] = distillation_blocks([DEFAULT_DATA], args.teacher, tokenizer, config,
-                                               corpus_prompts=prompts, corpus_max_new_tokens=max_new_tokens)[2]
+        prompts, max_new_tokens, samples = (int(part) for part in (corpus + "x1").split("x")[:3])
+        corpus_config = DistillConfig(corpus_prompts=prompts, corpus_max_new_tokens=max_new_tokens,
+                                      corpus_samples=samples)
+        records, _, blocks = distillation_blocks([DEFAULT_DATA], args.teacher, tokenizer, corpus_config)
+        if args.unseen_after:
+            seen = set(builtin_prompts(corpus_config.seed)[:args.unseen_after])
+            unseen = [r for r in split_records(records, corpus_config.eval_fraction, corpus_config.seed)[1]
+                      if r["prompt"] not in seen]
+            blocks = pack_sequences([encode_record(r, tokenizer) for r in unseen], corpus_config.seq_length)
+        held_out[corpus] = blocks
+    # max_eval_blocks as in training, so numbers match the runs' own reports; all of an unseen-prompt set
+    config = DistillConfig(max_eval_blocks=10**6 if args.unseen_after else DistillConfig.max_eval_blocks)
     results = {}
     for checkpoint in args.checkpoints:
         student = load_model(checkpoint, dtype="float32")

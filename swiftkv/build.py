@@ -19,7 +19,7 @@ EVAL_TASKS = ["vicuna_bench", "arc_easy"]  # real user prompts (fidelity) + a qu
 
 def run_build(model: str, out_dir: str | Path, num_key_value_layers: str | float = 0.5,
               key_value_group_size: int = 1, config: DistillConfig | None = None, resume: bool = False,
-              corpus_prompts: int = 512, corpus_max_new_tokens: int = 128, eval_limit: int | None = 80) -> dict:
+              eval_limit: int | None = 80) -> dict:
     """Run every stage (a stage whose output is already complete is reused); return the report dict.
 
     `eval_limit=0` skips the side-by-side evaluation of the distilled model against its base.
@@ -41,8 +41,7 @@ def run_build(model: str, out_dir: str | Path, num_key_value_layers: str | float
               f"key_value_group_size={key_value_group_size})")
         convert_checkpoint(model, converted, num_key_value_layers, key_value_group_size)
     print("[2/4] teacher corpus + distillation")
-    final, state = distill(str(converted), out_dir, config=config, resume=resume, corpus_prompts=corpus_prompts,
-                           corpus_max_new_tokens=corpus_max_new_tokens)
+    final, state = distill(str(converted), out_dir, config=config, resume=resume)
     evaluation = ""
     if eval_limit != 0:
         print(f"[3/4] side-by-side evaluation ({', '.join(EVAL_TASKS)}, limit {eval_limit})")

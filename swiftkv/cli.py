@@ -26,9 +26,6 @@ def _add_distill_config_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=None,
                             help=f"default: {field.default}")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    parser.add_argument("--corpus-prompts", type=int, default=512,
-                        help="built-in prompts the teacher answers for the default corpus")
-    parser.add_argument("--corpus-max-new-tokens", type=int, default=128)
 
 
 def _distill_config(args: argparse.Namespace) -> DistillConfig:
@@ -41,8 +38,7 @@ def _distill(args: argparse.Namespace) -> None:
     from swiftkv.distill import distill
 
     final, state = distill(args.model, args.out, data=args.data, teacher=args.teacher, config=_distill_config(args),
-                           resume=args.resume, corpus_prompts=args.corpus_prompts,
-                           corpus_max_new_tokens=args.corpus_max_new_tokens)
+                           resume=args.resume)
     print(f"wrote distilled SwiftKV checkpoint to {final} after {state.step} steps")
 
 
@@ -50,8 +46,7 @@ def _build(args: argparse.Namespace) -> None:
     from swiftkv.build import run_build
 
     run_build(args.model, args.out, args.num_key_value_layers, args.key_value_group_size, _distill_config(args),
-              resume=args.resume, corpus_prompts=args.corpus_prompts, corpus_max_new_tokens=args.corpus_max_new_tokens,
-              eval_limit=args.eval_limit)
+              resume=args.resume, eval_limit=args.eval_limit)
 
 
 def _eval(args: argparse.Namespace) -> None:

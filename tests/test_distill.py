@@ -15,9 +15,10 @@ import torch
 from swiftkv.checkpoint import save_checkpoint
 from swiftkv.convert import convert_to_swiftkv
 from swiftkv.distill import DistillConfig, DistillTrainer
-from swiftkv.distill.corpus import teacher_fingerprint
+from swiftkv.distill.corpus import teacher_corpus, teacher_fingerprint
 from swiftkv.distill.least_squares import fit_single_input_key_values
-from swiftkv.distill.data import DataError, encode_record, pack_sequences, read_records, train_eval_blocks
+from swiftkv.distill.data import (DataError, encode_record, pack_sequences, read_records, split_records,
+                                  train_eval_blocks)
 from swiftkv.distill.losses import _CompiledWithFallback, _kl_teacher_student, logits_distillation_loss
 from swiftkv.distill.prompts import builtin_prompts
 from swiftkv.distill.trainer import DistillationModel, freeze_all_but_swiftkv
@@ -136,7 +137,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
         assert torch.equal(tensor, trainable_state(resumed)[name]), name
 
 
-def test_killed_cli_run_resumes_from_its_last_checkpoint(tmp_path):
+def cli_checkpoint_and_data(tmp_path) -> list[str]:
+    """A tiny SwiftKV checkpoint and a text file on disk, as `swiftkv distill` flags."""
     base_dir = tmp_path / "base"
     make_base_model("llama", **SHARP).save_pretrained(base_dir)
     make_tiny_tokenizer().save_pretrained(base_dir)
@@ -145,9 +147,13 @@ def test_killed_cli_run_resumes_from_its_last_checkpoint(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": " ".join(f"w{(i * 7 + j) % 90}" for j in range(40))}) + "\n"
                             for i in range(200)))
-    command = [sys.executable, "-m", "swiftkv.cli", "distill", "--model", str(tmp_path / "swiftkv"), "--data",
-               str(data), "--seq-length", "16", "--micro-batch-size", "2", "--max-steps", "3000",
-               "--save-every", "5", "--eval-every", "1000", "--mixed-precision", "no"]
+    return ["--model", str(tmp_path / "swiftkv"), "--data", str(data), "--seq-length", "16", "--micro-batch-size",
+            "2", "--mixed-precision", "no"]
+
+
+def test_killed_cli_run_resumes_from_its_last_checkpoint(tmp_path):
+    command = [sys.executable, "-m", "swiftkv.cli", "distill", *cli_checkpoint_and_data(tmp_path),
+               "--max-steps", "3000", "--save-every", "5", "--eval-every", "1000"]
     env = {**os.environ, "SWIFTKV_NO_COMPILE": "1"}
     process = subprocess.Popen(command + ["--out", str(tmp_path / "run")], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -171,6 +177,30 @@ def test_killed_cli_run_resumes_from_its_last_checkpoint(tmp_path):
     assert load_model(str(tmp_path / "run" / "model")).config.swiftkv is True
 
 
+def test_two_data_parallel_processes_share_one_least_squares_fit(tmp_path):
+    """Under torchrun (gloo on CPU; NCCL on GPUs) each process fits K/V on its half of the blocks and the
+    summed moments give exactly the one-process fit; training and saving then run as usual."""
+    flags = cli_checkpoint_and_data(tmp_path) + ["--max-steps", "2", "--eval-every", "2", "--save-every", "2"]
+    env = {**os.environ, "SWIFTKV_NO_COMPILE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "swiftkv.cli"]
+    one = subprocess.run([sys.executable, "-m", "swiftkv.cli", "distill", *flags, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run([*torchrun, "distill", *flags, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+
+    def fit(run):
+        history = json.loads((tmp_path / run / "history.json").read_text())
+        return next(row for row in history if row.get("stage") == "least_squares")
+
+    assert fit("two")["least_squares_tokens"] == fit("one")["least_squares_tokens"]
+    assert fit("two")["eval_kl"] == pytest.approx(fit("one")["eval_kl"], rel=1e-5)
+    assert fit("two")["key_value_relative_error_after"] == pytest.approx(fit("one")["key_value_relative_error_after"],
+                                                                         rel=1e-5)
+    assert json.loads((tmp_path / "two" / "distill_config.json").read_text())["max_steps"] == 2
+    assert load_model(str(tmp_path / "two" / "model")).config.swiftkv is True
+
+
 def test_compiled_loss_matches_eager(monkeypatch):
     monkeypatch.delenv("SWIFTKV_NO_COMPILE", raising=False)
     compiled = _CompiledWithFallback(_kl_teacher_student)
@@ -191,6 +221,17 @@ def test_teacher_corpus_is_shared_across_swiftkv_settings_of_one_base_model():
     assert teacher_fingerprint(convert_to_swiftkv(make_base_model("llama", seed=1), 3, 1)) not in fingerprints
 
 
+def test_more_answers_per_prompt_add_new_rounds_and_reuse_the_cached_ones(tmp_path):
+    teacher = convert_to_swiftkv(make_base_model("llama"), 3, 1)
+    teacher.config.swiftkv = False
+    tokenizer = make_tiny_tokenizer()
+    one = teacher_corpus(teacher, tokenizer, num_prompts=6, max_new_tokens=4, samples_per_prompt=1, cache_dir=tmp_path)
+    two = teacher_corpus(teacher, tokenizer, num_prompts=6, max_new_tokens=4, samples_per_prompt=2, cache_dir=tmp_path)
+    assert two[:6] == one and [r["prompt"] for r in two[6:]] == [r["prompt"] for r in one]
+    assert [r["response"] for r in two[6:]] != [r["response"] for r in one]  # differently seeded answers
+    assert len(list(tmp_path.glob("teacher-corpus-*.jsonl"))) == 2
+
+
 def test_packing_keeps_every_token_in_order_without_padding():
     packed = pack_sequences([[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]], block_length=4)
     assert packed.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
@@ -201,6 +242,18 @@ def test_held_out_records_are_never_trained_on():
     records = [{"text": " ".join([f"w{i}"] * 8)} for i in range(40)]
     train, held_out = train_eval_blocks(records, tokenizer, block_length=9, eval_fraction=0.1, seed=0)
     assert not set(train.flatten().tolist()) & (set(held_out.flatten().tolist()) - {tokenizer.eos_token_id})
+
+
+def test_growing_the_corpus_never_trains_on_a_smaller_corpus_held_out_prompts():
+    records = [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(400)]
+    more = records + [{"prompt": f"question {i}", "response": "another answer"} for i in range(400)]
+    _, small_held_out = split_records(records, eval_fraction=0.05, seed=0)
+    large_train, large_held_out = split_records(more, eval_fraction=0.05, seed=0)
+    held_out_prompts = {r["prompt"] for r in small_held_out}
+    assert 5 <= len(small_held_out) <= 40
+    assert held_out_prompts == {r["prompt"] for r in large_held_out}
+    assert not held_out_prompts & {r["prompt"] for r in large_train}
+    assert len(split_records(records[:3], eval_fraction=0.05, seed=0)[1]) == 1
 
 
 def test_chat_records_are_formatted_with_the_chat_template():

@@ -16,14 +16,14 @@ from swiftkv.distill.trainer import DistillTrainer, TrainerState
 DEFAULT_DATA = "default"
 
 
-def load_records(sources: list[str], teacher_for_corpus, tokenizer, corpus_prompts: int,
-                 corpus_max_new_tokens: int, seed: int) -> list[dict]:
+def load_records(sources: list[str], teacher_for_corpus, tokenizer, config: DistillConfig) -> list[dict]:
     """Records from each source: `default` (teacher-generated corpus), a local file, or `hf:name[:split]`."""
     records = []
     for source in sources:
         if source == DEFAULT_DATA:
-            records += teacher_corpus(teacher_for_corpus(), tokenizer, num_prompts=corpus_prompts,
-                                      max_new_tokens=corpus_max_new_tokens, seed=seed)
+            records += teacher_corpus(teacher_for_corpus(), tokenizer, num_prompts=config.corpus_prompts,
+                                      max_new_tokens=config.corpus_max_new_tokens,
+                                      samples_per_prompt=config.corpus_samples, seed=config.seed)
         elif source.startswith("hf:"):
             name, _, split = source[3:].partition(":")
             records += load_dataset_records(name, split or "train")
@@ -48,19 +48,16 @@ def corpus_teacher(model: str, teacher: Optional[str] = None):
 
 
 def distillation_blocks(sources: list[str], model: str, tokenizer, config: DistillConfig,
-                        teacher: Optional[str] = None, corpus_prompts: int = 512,
-                        corpus_max_new_tokens: int = 128) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+                        teacher: Optional[str] = None) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
     """Records of `sources`, and their packed training and held-out blocks (the split every run uses)."""
-    records = load_records(sources, corpus_teacher(model, teacher), tokenizer, corpus_prompts,
-                           corpus_max_new_tokens, config.seed)
+    records = load_records(sources, corpus_teacher(model, teacher), tokenizer, config)
     train_blocks, eval_blocks = train_eval_blocks(records, tokenizer, config.seq_length, config.eval_fraction,
                                                   config.seed)
     return records, train_blocks, eval_blocks
 
 
 def distill(model: str, out_dir: str | Path, data: list[str] | None = None, teacher: Optional[str] = None,
-            config: DistillConfig | None = None, resume: bool = False, corpus_prompts: int = 512,
-            corpus_max_new_tokens: int = 128) -> tuple[Path, TrainerState]:
+            config: DistillConfig | None = None, resume: bool = False) -> tuple[Path, TrainerState]:
     """Distill the SwiftKV checkpoint `model` and save the result (full checkpoint + tokenizer) to `out_dir`."""
     from swiftkv.checkpoint import save_checkpoint
     from swiftkv.loading import load_model, load_tokenizer
@@ -77,10 +74,12 @@ def distill(model: str, out_dir: str | Path, data: list[str] | None = None, teac
     teacher_model = load_model(teacher, dtype="float32") if teacher else None
 
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    with PartialState().main_process_first():  # one process writes the teacher corpus; the others read it
-        _, train_blocks, eval_blocks = distillation_blocks(data or [DEFAULT_DATA], model, tokenizer, config, teacher,
-                                                           corpus_prompts, corpus_max_new_tokens)
+    # The Accelerator made later reads ACCELERATE_USE_CPU too; the first state created decides for both.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    with state.main_process_first():  # one process writes the teacher corpus; the others read it
+        _, train_blocks, eval_blocks = distillation_blocks(data or [DEFAULT_DATA], model, tokenizer, config, teacher)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "distill_config.json").write_text(json.dumps(
         {**config.to_dict(), "model": model, "teacher": teacher, "data": data or [DEFAULT_DATA],

@@ -20,12 +20,15 @@ class DistillConfig:
     micro_batch_size: int = 4            # blocks per forward
     gradient_accumulation_steps: int = 1
     least_squares_blocks: int = 256      # training blocks for the closed-form K/V start; 0 = paper's copies
+    corpus_prompts: int = 512            # default data: built-in prompts the teacher answers
+    corpus_max_new_tokens: int = 128     # ... tokens per answer
+    corpus_samples: int = 1              # ... answers per prompt (seeded differently)
     max_steps: int = 400                 # optimizer steps; the schedule spans them
     max_grad_norm: float = 1.0
     eval_every: int = 25
     save_every: int = 25
     keep_checkpoints: int = 2
-    eval_fraction: float = 0.05          # share of records held out (never trained on)
+    eval_fraction: float = 0.05          # share of prompts held out (by hash; never trained on)
     max_eval_blocks: int = 16
     mixed_precision: str = "auto"        # "auto" (bf16 where supported), "bf16", "fp16", "no"
     seed: int = 0
@@ -34,7 +37,8 @@ class DistillConfig:
         if self.lr_schedule not in ("cosine", "linear"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'linear', got {self.lr_schedule!r}")
         positive = ("learning_rate", "logits_loss_temp", "seq_length", "micro_batch_size",
-                    "gradient_accumulation_steps", "max_steps", "eval_every", "save_every", "keep_checkpoints")
+                    "gradient_accumulation_steps", "max_steps", "eval_every", "save_every", "keep_checkpoints",
+                    "corpus_prompts", "corpus_max_new_tokens", "corpus_samples")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -1,7 +1,7 @@
 """The offline default corpus: the teacher answers the built-in prompts once; the answers are cached.
 
-The cache key names the teacher (its config and a weight fingerprint), the prompts and the decoding
-settings, so a different teacher or setting never reuses stale text.
+The cache key names the teacher (its config and a weight fingerprint), the prompts, the decoding
+settings and the round of answers, so a different teacher or setting never reuses stale text.
 """
 
 from __future__ import annotations
@@ -55,19 +55,26 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
     return [request_output(sequence).text.strip() for sequence in sequences]
 
 
-def teacher_corpus(model, tokenizer, num_prompts: int = 512, max_new_tokens: int = 192, batch_size: int = 32,
-                   temperature: float = 0.7, seed: int = 0, cache_dir: Path | None = None) -> list[dict]:
-    """`{"prompt", "response"}` records for the first `num_prompts` built-in prompts, generated once."""
+def teacher_corpus(model, tokenizer, num_prompts: int = 512, max_new_tokens: int = 192, samples_per_prompt: int = 1,
+                   batch_size: int = 32, temperature: float = 0.7, seed: int = 0,
+                   cache_dir: Path | None = None) -> list[dict]:
+    """`{"prompt", "response"}` records: `samples_per_prompt` answers to each of the first `num_prompts`
+    built-in prompts. Each round of answers is cached in its own file, so asking for more samples later
+    generates only the new rounds."""
     prompts = builtin_prompts(seed)[:num_prompts]
-    key = hashlib.sha256(json.dumps([teacher_fingerprint(model), prompts, max_new_tokens, temperature, seed])
-                         .encode()).hexdigest()[:16]
-    cache_file = (cache_dir or default_cache_dir()) / f"teacher-corpus-{key}.jsonl"
-    if cache_file.is_file():
-        return [json.loads(line) for line in cache_file.read_text().splitlines()]
-    responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, seed)
-    records = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache_file.with_suffix(".tmp")
-    partial.write_text("".join(json.dumps(r) + "\n" for r in records))
-    partial.replace(cache_file)
+    settings = [teacher_fingerprint(model), prompts, max_new_tokens, temperature, seed]
+    records = []
+    for sample in range(samples_per_prompt):  # round 0's key is the one-sample key, so old caches stay valid
+        key = hashlib.sha256(json.dumps(settings + ([sample] if sample else [])).encode()).hexdigest()[:16]
+        cache_file = (cache_dir or default_cache_dir()) / f"teacher-corpus-{key}.jsonl"
+        if not cache_file.is_file():
+            # Round r seeds request i with seed + i + r * len(prompts): no two answers share a seed.
+            responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, temperature,
+                                           seed + sample * len(prompts))
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache_file.with_suffix(".tmp")
+            partial.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n"
+                                       for p, r in zip(prompts, responses)))
+            partial.replace(cache_file)
+        records += [json.loads(line) for line in cache_file.read_text().splitlines()]
     return records

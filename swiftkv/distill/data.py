@@ -11,6 +11,7 @@ A `.txt` file is raw text, one document per blank-line-separated block.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -114,14 +115,35 @@ def pack_sequences(sequences: list[list[int]], block_length: int) -> torch.Tenso
     return torch.tensor(flat[: num_blocks * block_length], dtype=torch.long).view(num_blocks, block_length)
 
 
+def record_prompt(record: dict) -> str:
+    """What identifies a record for the held-out split: its first message (the prompt), or its text."""
+    messages = record_messages(record)
+    return messages[0]["content"] if messages else record["text"]
+
+
+def _unit_hash(text: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def split_records(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded split of records (not blocks) into train / held-out, so held-out prompts are never trained on."""
+    """Train / held-out split by a seeded hash of each record's prompt.
+
+    A record's side depends only on its own prompt, never on which other records are present: a larger
+    corpus keeps the smaller one's held-out prompts held out, and answers to one prompt stay together.
+    At least one record is held out when `eval_fraction > 0` (the one with the smallest hash).
+    """
     if not records:
         raise DataError("no training records")
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    num_eval = max(1, round(len(records) * eval_fraction)) if eval_fraction > 0 else 0
-    shuffled = [records[i] for i in order]
-    return shuffled[num_eval:], shuffled[:num_eval]
+    scores = [_unit_hash(record_prompt(record), seed) for record in records]
+    held_out = {i for i, score in enumerate(scores) if score < eval_fraction}
+    if eval_fraction > 0 and not held_out:
+        smallest = min(scores)
+        held_out = {i for i, score in enumerate(scores) if score == smallest}
+    train = [record for i, record in enumerate(records) if i not in held_out]
+    if not train:
+        raise DataError(f"all {len(records)} records were held out; lower eval_fraction ({eval_fraction})")
+    return train, [records[i] for i in sorted(held_out)]
 
 
 def train_eval_blocks(records: list[dict], tokenizer, block_length: int, eval_fraction: float,

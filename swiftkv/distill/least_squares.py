@@ -13,6 +13,7 @@ the paper's initialization. The KL distillation then starts from this fit instea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -56,6 +57,10 @@ class _Moments:
         """sum ||X W - Y||^2 for `weight` `[in (+1), out]`, from the moments alone."""
         return (self.yty.sum() - 2 * (weight * self.xty).sum() + (weight * (self.xtx @ weight)).sum()).item()
 
+    def sum_across(self, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Totals over every process's share of the blocks: the moments are sums, so they add."""
+        self.xtx, self.xty, self.yty = (all_reduce(total) for total in (self.xtx, self.xty, self.yty))
+
     def solve(self, ridge: float) -> torch.Tensor:
         scale = self.xtx.diagonal().mean().clamp_min(1e-12)
         regularized = self.xtx + ridge * scale * torch.eye(len(self.xtx), dtype=torch.float64)
@@ -72,11 +77,14 @@ def _weight_matrix(linear: nn.Linear) -> torch.Tensor:
 
 @torch.no_grad()
 def fit_single_input_key_values(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4,
-                                ridge: float = 1e-4, show_progress: bool = True) -> LeastSquaresFit:
+                                ridge: float = 1e-4, show_progress: bool = True,
+                                all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> LeastSquaresFit:
     """Set every group leader's `k/v_proj_swiftkv` to the ridge fit of its teacher keys/values.
 
     `blocks` `[n, seq]` are token ids (training data, never the held-out blocks). The teacher is `model`
     with swiftkv off, so this needs no second model. `ridge` is relative to the mean diagonal of `X^T X`.
+    With several processes, each passes its own share of the blocks and `all_reduce` (a sum over processes);
+    every process then solves the same system and sets the same weights.
     """
     config, decoder = model.config, model.model
     leaders = list(config.group_leaders())
@@ -115,6 +123,9 @@ def fit_single_input_key_values(model: nn.Module, blocks: torch.Tensor, batch_si
             hook.remove()
         model.train(was_training)
 
+    if all_reduce is not None:
+        moments.sum_across(all_reduce)
+        tokens = int(all_reduce(torch.tensor([tokens], dtype=torch.float64)).item())
     current = torch.cat([_weight_matrix(projection) for projection in swiftkv_projections], dim=1)
     solution = moments.solve(ridge)
     total = moments.yty.sum().item()

@@ -244,15 +244,21 @@ class DistillTrainer:
         if config.least_squares_blocks == 0:
             return
         started = time.perf_counter()
-        with self.accelerator.autocast():
-            fit = fit_single_input_key_values(self.student, self.train_blocks[: config.least_squares_blocks],
-                                              config.micro_batch_size,
-                                              show_progress=self.accelerator.is_local_main_process)
+        accelerator = self.accelerator
+        blocks = self.train_blocks[: config.least_squares_blocks]
+        with accelerator.autocast():  # each process fits its share; the sums of the moments are shared
+            fit = fit_single_input_key_values(
+                self.student, blocks[accelerator.process_index::accelerator.num_processes], config.micro_batch_size,
+                show_progress=accelerator.is_local_main_process,
+                all_reduce=self._sum_across_processes if accelerator.num_processes > 1 else None)
         state.train_seconds += time.perf_counter() - started
         self._log({"step": 0, "tokens_seen": 0, "stage": "least_squares", "least_squares_tokens": fit.tokens,
                    "key_value_relative_error_before": fit.relative_error_before,
                    "key_value_relative_error_after": fit.relative_error_after,
                    "train_seconds": state.train_seconds, **self.evaluate()})
+
+    def _sum_across_processes(self, total: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(total.to(self.accelerator.device), reduction="sum").cpu()
 
     def _log(self, record: dict) -> None:
         self.state.history.append(record)
