@@ -8,6 +8,7 @@ import torch
 from swiftkv.convert import convert_to_swiftkv
 from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
 from swiftkv.engine.llm_engine import request_output
+from swiftkv.engine.sampler import nucleus
 
 from conftest import make_base_model, make_tiny_tokenizer, perturb_swiftkv_weights
 
@@ -118,6 +119,21 @@ def test_seeded_sampling_is_reproducible_and_differs_from_greedy():
     first = run(engine_for(model), prompts(1), params)[0].token_ids
     assert first == run(engine_for(model), prompts(1), params)[0].token_ids
     assert first != run(engine_for(model), prompts(1), SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+
+
+@pytest.mark.parametrize("spread", [0.3, 3.0, 30.0])  # flat logits: the nucleus holds more than the candidates
+@pytest.mark.parametrize("top_p", [0.5, 0.95])
+def test_top_p_drops_exactly_the_tokens_outside_the_smallest_set_reaching_p(spread, top_p):
+    scores = torch.randn(5000, generator=torch.Generator().manual_seed(0)) * spread
+    probabilities = scores.softmax(-1)
+    ranked = probabilities.argsort(descending=True).tolist()
+    kept, mass = set(), 0.0
+    for token in ranked:  # the definition, one token at a time
+        kept.add(token)
+        mass += probabilities[token].item()
+        if mass >= top_p:
+            break
+    assert set(nucleus(scores, top_p).tolist()) == kept
 
 
 def test_stop_token_and_stop_string_end_a_request():
