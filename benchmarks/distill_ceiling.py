@@ -53,8 +53,8 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=DistillConfig.learning_rate)
     parser.add_argument("--least-squares-blocks", type=int, default=0,
                         help="0 (as in the committed result): start from the paper's copies")
-    parser.add_argument("--corpus-prompts", type=int, default=512)
-    parser.add_argument("--corpus-max-new-tokens", type=int, default=128)
+    parser.add_argument("--corpus-prompts", type=int, default=DistillConfig.corpus_prompts)
+    parser.add_argument("--corpus-max-new-tokens", type=int, default=DistillConfig.corpus_max_new_tokens)
     parser.add_argument("--out", default="benchmarks/results/distill_ceiling")
     args = parser.parse_args()
 
