@@ -7,7 +7,7 @@ import torch
 from swiftkv.engine.sequence import Sequence
 
 
-NUCLEUS_CANDIDATES = 256  # top-p looks here first; a full sort of a 49k vocabulary per token was half of decode
+NUCLEUS_CANDIDATES = 256  # top-p looks here first instead of sorting the whole vocabulary (benchmarks/corpus.py)
 
 
 def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -35,7 +35,7 @@ def sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
             kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
         candidates = nucleus(scores, params.top_p) if params.top_p < 1 else None
-        if candidates is not None:  # draw among the nucleus only: a draw over the whole vocabulary costs ~1 ms
+        if candidates is not None:  # draw among the nucleus only, not over the whole vocabulary
             scores = scores[candidates]
         choice = int(torch.multinomial(scores.softmax(-1), 1, generator=sequence.generator))
         tokens.append(int(candidates[choice]) if candidates is not None else choice)
