@@ -10,7 +10,7 @@ from pathlib import Path
 from swiftkv.checkpoint import CheckpointError, validate_checkpoint
 from swiftkv.convert import convert_checkpoint
 from swiftkv.distill import DistillConfig, distill
-from swiftkv.distill.report import plot_learning_curve, summarize
+from swiftkv.distill.report import loss_label, plot_learning_curve, summarize
 from swiftkv.eval.tasks import resolve_task
 
 
@@ -24,7 +24,7 @@ def run_build(model: str, out_dir: str | Path, num_key_value_layers: str | float
 
     `eval_limit=0` skips the side-by-side evaluation of the distilled model against its base.
     """
-    out_dir = Path(out_dir)
+    out_dir, config = Path(out_dir), config or DistillConfig()
     started = time.perf_counter()
     if eval_limit != 0:
         try:  # find the evaluation data now, not after an hour of distillation
@@ -53,7 +53,8 @@ def run_build(model: str, out_dir: str | Path, num_key_value_layers: str | float
     report = {"base_model": model, "checkpoint": str(final), "num_key_value_layers": num_key_value_layers,
               "key_value_group_size": key_value_group_size, **summarize(state.history),
               "wall_seconds": time.perf_counter() - started}
-    plot_learning_curve(state.history, out_dir / "learning_curve.png", title=f"SwiftKV distillation of {model}")
+    plot_learning_curve(state.history, out_dir / "learning_curve.png", title=f"SwiftKV distillation of {model}",
+                        train_loss_label=loss_label(config))
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(render_report(report) + evaluation.replace("# ", "## Evaluation: ", 1))
     print(render_report(report))

@@ -19,7 +19,8 @@ from swiftkv.distill.corpus import teacher_corpus, teacher_fingerprint
 from swiftkv.distill.least_squares import fit_single_input_key_values
 from swiftkv.distill.data import (DataError, encode_record, pack_sequences, read_records, split_records,
                                   train_eval_blocks)
-from swiftkv.distill.losses import _CompiledWithFallback, _kl_teacher_student, logits_distillation_loss
+from swiftkv.distill.losses import (_CompiledWithFallback, _kl_teacher_student, hidden_state_loss,
+                                   logits_distillation_loss)
 from swiftkv.distill.prompts import builtin_prompts
 from swiftkv.distill.trainer import DistillationModel, freeze_all_but_swiftkv
 from swiftkv.loading import load_model
@@ -112,6 +113,18 @@ def test_hidden_state_loss_is_reported_when_enabled(tmp_path):
     config = quick_config(max_steps=2, hidden_loss_weight=1.0, hidden_loss_layer=-2)
     state = DistillTrainer(student(), blocks(), blocks(8, seed=1), config, tmp_path).train()
     assert state.history[-1]["hidden_mse"] > 0
+
+
+def test_hidden_state_loss_weighs_an_outlier_channel_like_any_other():
+    teacher = torch.randn(64, 8)
+    teacher[:, 0] *= 100.0  # an outlier channel of the residual stream
+    rms = teacher.pow(2).mean(0).sqrt()
+    off_in_outlier, off_in_normal = teacher.clone(), teacher.clone()
+    off_in_outlier[:, 0] += 0.5 * rms[0]
+    off_in_normal[:, 3] += 0.5 * rms[3]
+    assert hidden_state_loss(teacher, teacher) == 0
+    assert torch.isclose(hidden_state_loss(off_in_outlier, teacher), hidden_state_loss(off_in_normal, teacher))
+    assert torch.isclose(hidden_state_loss(off_in_normal, teacher), torch.tensor(0.25 / 8))
 
 
 class Interrupted(Exception):

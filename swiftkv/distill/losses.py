@@ -53,4 +53,12 @@ def logits_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch
 
 
 def hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(student_hidden.float(), teacher_hidden.detach().float())
+    """MSE of hidden states `[..., hidden]` with each channel divided by the teacher's RMS over the batch.
+
+    Residual streams carry a few outlier channels far larger than the rest; a plain MSE would train
+    almost only those. Per-channel scaling weighs every channel equally (1.0 = as far off as the signal).
+    """
+    teacher = teacher_hidden.detach().float().reshape(-1, teacher_hidden.shape[-1])
+    student = student_hidden.float().reshape(-1, student_hidden.shape[-1])
+    channel_rms = teacher.pow(2).mean(0).sqrt().clamp_min(1e-6)
+    return ((student - teacher) / channel_rms).pow(2).mean()

@@ -26,7 +26,14 @@ def summarize(history: list[dict]) -> dict:
     }
 
 
-def plot_learning_curve(history: list[dict], path: str | Path, title: str = "SwiftKV distillation") -> Path:
+def loss_label(config) -> str:
+    """What the train loss of a `DistillConfig` is, for the plot legend."""
+    hidden = f" + {config.hidden_loss_weight:g} x hidden MSE" if config.hidden_loss_weight > 0 else ""
+    return f"train loss (KL, T={config.logits_loss_temp:g}{hidden})"
+
+
+def plot_learning_curve(history: list[dict], path: str | Path, title: str = "SwiftKV distillation",
+                        train_loss_label: str = "train loss") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,7 +42,7 @@ def plot_learning_curve(history: list[dict], path: str | Path, title: str = "Swi
     steps = [r for r in history if "loss" in r]
     evals = [r for r in history if "eval_top1_agreement" in r]
     fig, (loss_ax, agree_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    loss_ax.plot([r["tokens_seen"] / 1e3 for r in steps], [r["loss"] for r in steps], lw=0.8, label="train loss (KL, T=2)")
+    loss_ax.plot([r["tokens_seen"] / 1e3 for r in steps], [r["loss"] for r in steps], lw=0.8, label=train_loss_label)
     loss_ax.plot([r["tokens_seen"] / 1e3 for r in evals], [r["eval_kl"] for r in evals], "o-", label="held-out KL (T=1)")
     loss_ax.set_xlabel("tokens (k)")
     loss_ax.set_ylabel("KL(teacher || student), nats/token")
