@@ -66,7 +66,7 @@ def main() -> None:
         held_out[corpus] = blocks
     # max_eval_blocks as in training, so numbers match the runs' own reports; all of an unseen-prompt set
     config = DistillConfig(max_eval_blocks=10**6 if args.unseen_after else DistillConfig.max_eval_blocks)
-    results, per_block = {}, {}
+    results, per_block, first = {}, {}, args.checkpoints[0]
     for checkpoint in args.checkpoints:
         student = load_model(checkpoint, dtype="float32")
         student.config.swiftkv = True
@@ -79,7 +79,6 @@ def main() -> None:
             per_block[checkpoint, corpus] = np.array([s["eval_top1_agreement"] for s in scores])
             summary = {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}  # equal-length blocks
             results[checkpoint][corpus] = {**summary, "blocks": len(blocks)}
-            first = args.checkpoints[0]
             if checkpoint != first:
                 results[checkpoint][corpus][f"agreement_minus_{first}"] = _paired_difference(
                     per_block[checkpoint, corpus], per_block[first, corpus])
