@@ -21,6 +21,7 @@ from swiftkv.distill.prompts import builtin_prompts
 from swiftkv.engine import llm_engine
 from swiftkv.engine.sequence import Sequence
 from swiftkv.loading import DEFAULT_MODEL, load_tokenizer
+from swiftkv.plotting import png_figure
 
 
 def full_sort_sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
@@ -76,22 +77,14 @@ def main() -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = ["full-vocabulary sort", "engine (top-256 nucleus)"]
     rates = [result["full_sort_sampler"]["answers_per_second"], result["engine_sampler"]["answers_per_second"]]
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.bar(names, rates, color=["tab:gray", "tab:blue"])
-    ax.text(1, rates[1], f"{result['speedup']:.2f}x", ha="center", va="bottom")
-    ax.set_ylabel("teacher answers per second")
-    ax.set_title(f"teacher corpus: {result['prompts']} prompts x {result['max_new_tokens']} tokens, "
-                 f"{result['threads']} threads", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with png_figure(path, figsize=(5, 4), dpi=120) as (fig, ax):
+        ax.bar(names, rates, color=["tab:gray", "tab:blue"])
+        ax.text(1, rates[1], f"{result['speedup']:.2f}x", ha="center", va="bottom")
+        ax.set_ylabel("teacher answers per second")
+        ax.set_title(f"teacher corpus: {result['prompts']} prompts x {result['max_new_tokens']} tokens, "
+                     f"{result['threads']} threads", fontsize=9)
 
 
 if __name__ == "__main__":

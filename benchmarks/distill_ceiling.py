@@ -24,6 +24,7 @@ from swiftkv.distill.data import encode_record, record_messages, split_records
 from swiftkv.distill.trainer import DistillTrainer
 from swiftkv.loading import load_model, load_tokenizer
 from swiftkv.models.swiftkv import swiftkv_mode
+from swiftkv.plotting import png_figure
 
 
 @torch.inference_mode()
@@ -94,23 +95,15 @@ def main() -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = [row["step"] for row in result["curve"]]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, [row["eval_top1_agreement"] for row in result["curve"]], marker="o",
-            label="top-1 agreement (trained on these blocks)")
-    ax.axhline(0.85, color="tab:red", linestyle="--", label="issue target 0.85")
-    ax.set_xlabel("step")
-    ax.set_ylabel("agreement with the teacher")
-    ax.set_title(f"SwiftKV l={result['num_key_value_layers']}/{result['num_hidden_layers']}: recipe ceiling")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with png_figure(path, figsize=(6, 4), dpi=120) as (fig, ax):
+        ax.plot(steps, [row["eval_top1_agreement"] for row in result["curve"]], marker="o",
+                label="top-1 agreement (trained on these blocks)")
+        ax.axhline(0.85, color="tab:red", linestyle="--", label="issue target 0.85")
+        ax.set_xlabel("step")
+        ax.set_ylabel("agreement with the teacher")
+        ax.set_title(f"SwiftKV l={result['num_key_value_layers']}/{result['num_hidden_layers']}: recipe ceiling")
+        ax.legend()
 
 
 if __name__ == "__main__":

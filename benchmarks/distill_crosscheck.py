@@ -16,18 +16,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from swiftkv.distill import DEFAULT_DATA, DistillConfig, distillation_blocks
 from swiftkv.distill.data import encode_record, pack_sequences, split_records
 from swiftkv.distill.prompts import builtin_prompts
 from swiftkv.distill.trainer import DistillTrainer
 from swiftkv.loading import load_model, load_tokenizer
-
-
-def _score_block(trainer: DistillTrainer, block: torch.Tensor) -> dict:
-    trainer.eval_blocks = block[None]
-    return trainer.evaluate()
 
 
 def _paired_difference(agreement: np.ndarray, baseline: np.ndarray, resamples: int = 10_000) -> dict:
@@ -75,7 +69,7 @@ def main() -> None:
             blocks = blocks[: config.max_eval_blocks]
             with tempfile.TemporaryDirectory() as run_dir:
                 trainer = DistillTrainer(student, blocks, blocks, config, run_dir)
-                scores = [_score_block(trainer, block) for block in blocks]
+                scores = [trainer.evaluate(block[None]) for block in blocks]
             per_block[checkpoint, corpus] = np.array([s["eval_top1_agreement"] for s in scores])
             summary = {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}  # equal-length blocks
             results[checkpoint][corpus] = {**summary, "blocks": len(blocks)}

@@ -27,6 +27,7 @@ from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
 from swiftkv.engine.llm_engine import request_output
 from swiftkv.eval.data import data_file
 from swiftkv.loading import DEFAULT_MODEL, load_model, load_tokenizer
+from swiftkv.plotting import png_figure
 
 
 def engine_ttft(engine: LLMEngine, prompt: list[int], repeats: int) -> float:
@@ -210,32 +211,24 @@ def add_ratios(results: dict) -> None:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     systems = results["systems"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    lengths = list(next(iter(systems.values()))["ttft_s"])
-    width = 0.8 / len(systems)
-    for i, (name, row) in enumerate(systems.items()):
-        axes[0].bar([j + i * width for j in range(len(lengths))], [row["ttft_s"][n] for n in lengths], width, label=name)
-        axes[1].bar(i, row["decode_1"]["ms_per_token_per_stream"], label=name)
-        axes[2].bar(i, row["serving"]["total_token_throughput"], label=name)
-    axes[0].set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [str(n) for n in lengths])
-    axes[0].set_xlabel("prompt tokens")
-    axes[0].set_ylabel("TTFT (s, median)")
-    axes[0].legend()
-    axes[1].set_xticks(range(len(systems)), list(systems), rotation=20)
-    axes[1].set_ylabel("decode ms/token, 1 stream")
-    axes[2].set_xticks(range(len(systems)), list(systems), rotation=20)
-    s = results["settings"]
-    axes[2].set_ylabel(f"total tokens/s ({s['input_len']} in / {s['output_len']} out, {s['request_rate']} req/s)")
-    fig.suptitle(f"{s['model']} {s['dtype']}, {results['threads']} CPU threads, KV budget {s['kv_cache_memory_gb']} GB")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with png_figure(path, 1, 3, figsize=(15, 4)) as (fig, axes):
+        lengths = list(next(iter(systems.values()))["ttft_s"])
+        width = 0.8 / len(systems)
+        for i, (name, row) in enumerate(systems.items()):
+            axes[0].bar([j + i * width for j in range(len(lengths))], [row["ttft_s"][n] for n in lengths], width, label=name)
+            axes[1].bar(i, row["decode_1"]["ms_per_token_per_stream"], label=name)
+            axes[2].bar(i, row["serving"]["total_token_throughput"], label=name)
+        axes[0].set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [str(n) for n in lengths])
+        axes[0].set_xlabel("prompt tokens")
+        axes[0].set_ylabel("TTFT (s, median)")
+        axes[0].legend()
+        axes[1].set_xticks(range(len(systems)), list(systems), rotation=20)
+        axes[1].set_ylabel("decode ms/token, 1 stream")
+        axes[2].set_xticks(range(len(systems)), list(systems), rotation=20)
+        s = results["settings"]
+        axes[2].set_ylabel(f"total tokens/s ({s['input_len']} in / {s['output_len']} out, {s['request_rate']} req/s)")
+        fig.suptitle(f"{s['model']} {s['dtype']}, {results['threads']} CPU threads, KV budget {s['kv_cache_memory_gb']} GB")
 
 
 if __name__ == "__main__":

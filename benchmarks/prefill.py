@@ -22,6 +22,7 @@ from swiftkv.eval.data import data_file, text_chunks
 from swiftkv.eval.fidelity import measure_fidelity
 from swiftkv.loading import DEFAULT_MODEL, load_model, load_tokenizer
 from swiftkv.models.swiftkv import swiftkv_mode
+from swiftkv.plotting import png_figure
 
 
 @torch.no_grad()
@@ -83,27 +84,19 @@ def main() -> None:
 
 
 def plot(rows: list[dict], result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [str(r["prompt_tokens"]) for r in rows]
     x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar([i - 0.2 for i in x], [r["base_s_median"] for r in rows], 0.4, label="base (swiftkv off)")
-    ax.bar([i + 0.2 for i in x], [r["swiftkv_s_median"] for r in rows], 0.4,
-           label=f"SwiftKV l={result['num_key_value_layers']}/{result['num_hidden_layers']}")
-    for i, r in enumerate(rows):
-        ax.text(i + 0.2, r["swiftkv_s_median"], f"{r['speedup']:.2f}x", ha="center", va="bottom")
-    ax.set_xticks(list(x), labels)
-    ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("prefill seconds (median)")
-    ax.set_title(f"{result['model']} prefill, {result['dtype']}, {result['threads']} threads")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with png_figure(path, figsize=(6, 4), dpi=120) as (fig, ax):
+        ax.bar([i - 0.2 for i in x], [r["base_s_median"] for r in rows], 0.4, label="base (swiftkv off)")
+        ax.bar([i + 0.2 for i in x], [r["swiftkv_s_median"] for r in rows], 0.4,
+               label=f"SwiftKV l={result['num_key_value_layers']}/{result['num_hidden_layers']}")
+        for i, r in enumerate(rows):
+            ax.text(i + 0.2, r["swiftkv_s_median"], f"{r['speedup']:.2f}x", ha="center", va="bottom")
+        ax.set_xticks(list(x), labels)
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("prefill seconds (median)")
+        ax.set_title(f"{result['model']} prefill, {result['dtype']}, {result['threads']} threads")
+        ax.legend()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from swiftkv.convert import convert_to_swiftkv
 from swiftkv.eval.runner import Candidate, evaluate_fidelity, evaluate_likelihood_task
 from swiftkv.eval.tasks import resolve_task
 from swiftkv.loading import DEFAULT_MODEL, load_model, load_tokenizer
+from swiftkv.plotting import png_figure
 
 
 def measure(model, tokenizer, args) -> dict:
@@ -72,27 +73,19 @@ def main() -> None:
 
 
 def plot(points: list[dict], args, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in ((axes[0], "accuracy", f"{args.accuracy_task} acc_norm (n={args.accuracy_limit})"),
-                           (axes[1], "top1_agreement", f"top-1 agreement with base, {args.fidelity_task}")):
-        for distilled, marker, name in ((False, "o-", "untrained conversion"), (True, "*", "distilled")):
-            chosen = sorted((p for p in points if p["distilled"] == distilled), key=lambda p: p["prefill_compute"])
-            if chosen:
-                ax.plot([p["prefill_compute"] for p in chosen], [p[key] for p in chosen], marker, ms=10 if distilled else 6,
-                        label=name)
-        ax.set_xlabel("prefill compute per prompt token (l / L)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{args.model}: quality vs prefill compute (SwiftKV num_key_value_layers)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with png_figure(path, 1, 2, figsize=(11, 4)) as (fig, axes):
+        for ax, key, label in ((axes[0], "accuracy", f"{args.accuracy_task} acc_norm (n={args.accuracy_limit})"),
+                               (axes[1], "top1_agreement", f"top-1 agreement with base, {args.fidelity_task}")):
+            for distilled, marker, name in ((False, "o-", "untrained conversion"), (True, "*", "distilled")):
+                chosen = sorted((p for p in points if p["distilled"] == distilled), key=lambda p: p["prefill_compute"])
+                if chosen:
+                    ax.plot([p["prefill_compute"] for p in chosen], [p[key] for p in chosen], marker, ms=10 if distilled else 6,
+                            label=name)
+            ax.set_xlabel("prefill compute per prompt token (l / L)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"{args.model}: quality vs prefill compute (SwiftKV num_key_value_layers)")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from swiftkv.loading import DEFAULT_MODEL, load_model
+from swiftkv.plotting import png_figure
 
 
 def timed(fn, repeats: int) -> float:
@@ -116,26 +117,18 @@ def main() -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metrics = list(result["floors"])
     series = {"hardware floor": result["floors"], "target": result["targets"]}
     if "engine_measured" in result:
         series["engine (measured)"] = result["engine_measured"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 4))
-    for ax, metric in zip(axes, metrics):
-        values = [row[metric] for row in series.values()]
-        ax.bar(range(len(values)), values, color=["tab:gray", "tab:red", "tab:blue"][:len(values)])
-        ax.set_xticks(range(len(values)), list(series), rotation=15)
-        ax.set_title(metric)
-    fig.suptitle(f"{result['model']} bf16, {result['threads']} CPU threads: matmul {result['matmul_gflops']:.0f} "
-                 f"GFLOP/s, stream {result['stream_gb_per_s']:.1f} GB/s, {result['prompt_tokens']}-token prompt")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with png_figure(path, 1, len(metrics), figsize=(4 * len(metrics), 4)) as (fig, axes):
+        for ax, metric in zip(axes, metrics):
+            values = [row[metric] for row in series.values()]
+            ax.bar(range(len(values)), values, color=["tab:gray", "tab:red", "tab:blue"][:len(values)])
+            ax.set_xticks(range(len(values)), list(series), rotation=15)
+            ax.set_title(metric)
+        fig.suptitle(f"{result['model']} bf16, {result['threads']} CPU threads: matmul {result['matmul_gflops']:.0f} "
+                     f"GFLOP/s, stream {result['stream_gb_per_s']:.1f} GB/s, {result['prompt_tokens']}-token prompt")
 
 
 if __name__ == "__main__":

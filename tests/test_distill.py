@@ -80,15 +80,20 @@ def test_distillation_lowers_held_out_kl_and_raises_agreement(tmp_path):
     assert after["eval_top1_agreement"] > before["eval_top1_agreement"]
 
 
+@pytest.mark.parametrize("weighting", ["uniform", "attention"])
 @pytest.mark.parametrize("group_size", [1, 2])
-def test_least_squares_start_recovers_keys_and_values_that_are_linear_in_the_single_input(family, group_size):
-    # Layer l's own input is the single input, so its k/v_proj are the exact fit whatever the perturbation.
+def test_least_squares_start_recovers_keys_and_values_that_are_linear_in_the_single_input(family, group_size,
+                                                                                         weighting):
+    # Layer l's own input is the single input, so its k/v_proj are the exact fit whatever the perturbation
+    # and whatever the weighting of the tokens.
     first = 4
     model = convert_to_swiftkv(make_base_model(family, **SHARP), num_key_value_layers=first,
                                key_value_group_size=group_size)
     perturb_swiftkv_weights(model, scale=0.3)
     model.model.norm_swiftkv.weight.data.copy_(model.model.layers[first].input_layernorm.weight)
-    fit = fit_single_input_key_values(model, blocks(48), ridge=1e-10, show_progress=False)
+    attention_implementation = model.config._attn_implementation
+    fit = fit_single_input_key_values(model, blocks(48), ridge=1e-10, show_progress=False, weighting=weighting)
+    assert model.config._attn_implementation == attention_implementation
     attention = model.model.layers[first].self_attn
     for name in ("k_proj", "v_proj"):
         fitted, exact = getattr(attention, f"{name}_swiftkv"), getattr(attention, name)

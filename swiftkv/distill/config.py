@@ -20,6 +20,7 @@ class DistillConfig:
     micro_batch_size: int = 4            # blocks per forward
     gradient_accumulation_steps: int = 1
     least_squares_blocks: int = 256      # training blocks for the closed-form K/V start; 0 = paper's copies
+    least_squares_weighting: str = "attention"  # tokens weighted by the attention they receive, or "uniform"
     corpus_prompts: int = 512            # default data: built-in prompts the teacher answers
     corpus_max_new_tokens: int = 128     # ... tokens per answer
     corpus_samples: int = 1              # ... answers per prompt (seeded differently)
@@ -46,6 +47,9 @@ class DistillConfig:
             raise ValueError(f"least_squares_blocks must be >= 0, got {self.least_squares_blocks}")
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.eval_fraction < 1:
             raise ValueError("warmup_ratio and eval_fraction must be in [0, 1)")
+        if self.least_squares_weighting not in ("uniform", "attention"):
+            raise ValueError("least_squares_weighting must be 'uniform' or 'attention', "
+                             f"got {self.least_squares_weighting!r}")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise ValueError(f"mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
 

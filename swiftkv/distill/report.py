@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from swiftkv.plotting import png_figure
+
 
 def summarize(history: list[dict]) -> dict:
     """Held-out fidelity before/after, wall time and throughput of a run."""
@@ -34,28 +36,22 @@ def loss_label(config) -> str:
 
 def plot_learning_curve(history: list[dict], path: str | Path, title: str = "SwiftKV distillation",
                         train_loss_label: str = "train loss") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = [r for r in history if "loss" in r]
     evals = [r for r in history if "eval_top1_agreement" in r]
-    fig, (loss_ax, agree_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    loss_ax.plot([r["tokens_seen"] / 1e3 for r in steps], [r["loss"] for r in steps], lw=0.8, label=train_loss_label)
-    loss_ax.plot([r["tokens_seen"] / 1e3 for r in evals], [r["eval_kl"] for r in evals], "o-", label="held-out KL (T=1)")
-    loss_ax.set_xlabel("tokens (k)")
-    loss_ax.set_ylabel("KL(teacher || student), nats/token")
-    loss_ax.set_yscale("log")
-    loss_ax.legend()
-    agree_ax.plot([r["tokens_seen"] / 1e3 for r in evals], [r["eval_top1_agreement"] for r in evals], "o-", color="C2")
-    agree_ax.set_xlabel("tokens (k)")
-    agree_ax.set_ylabel("held-out top-1 agreement with teacher")
-    agree_ax.set_ylim(0, 1)
-    agree_ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    with png_figure(path, 1, 2, figsize=(11, 4)) as (fig, (loss_ax, agree_ax)):
+        loss_ax.plot([r["tokens_seen"] / 1e3 for r in steps], [r["loss"] for r in steps], lw=0.8,
+                     label=train_loss_label)
+        loss_ax.plot([r["tokens_seen"] / 1e3 for r in evals], [r["eval_kl"] for r in evals], "o-",
+                     label="held-out KL (T=1)")
+        loss_ax.set_xlabel("tokens (k)")
+        loss_ax.set_ylabel("KL(teacher || student), nats/token")
+        loss_ax.set_yscale("log")
+        loss_ax.legend()
+        agree_ax.plot([r["tokens_seen"] / 1e3 for r in evals], [r["eval_top1_agreement"] for r in evals], "o-",
+                      color="C2")
+        agree_ax.set_xlabel("tokens (k)")
+        agree_ax.set_ylabel("held-out top-1 agreement with teacher")
+        agree_ax.set_ylim(0, 1)
+        agree_ax.grid(alpha=0.3)
+        fig.suptitle(title)
+    return Path(path)

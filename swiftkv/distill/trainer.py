@@ -200,12 +200,13 @@ class DistillTrainer:
         return loss, parts
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Held-out KL(teacher || student) at T=1 and top-1 agreement, token-weighted."""
+    def evaluate(self, blocks: Optional[torch.Tensor] = None) -> dict:
+        """KL(teacher || student) at T=1 and top-1 agreement, token-weighted, on `blocks` (default: held out)."""
+        blocks = self.eval_blocks if blocks is None else blocks
         self.model.eval()
         total_kl = total_agreement = total = 0.0
-        for start in range(0, len(self.eval_blocks), self.config.micro_batch_size):
-            batch = self.eval_blocks[start:start + self.config.micro_batch_size].to(self.accelerator.device)
+        for start in range(0, len(blocks), self.config.micro_batch_size):
+            batch = blocks[start:start + self.config.micro_batch_size].to(self.accelerator.device)
             with self.accelerator.autocast():
                 output = self.model(batch)
             kl, agreement = token_kl_and_agreement(output.teacher_logits, output.student_logits)
@@ -250,7 +251,8 @@ class DistillTrainer:
             fit = fit_single_input_key_values(
                 self.student, blocks[accelerator.process_index::accelerator.num_processes], config.micro_batch_size,
                 show_progress=accelerator.is_local_main_process,
-                all_reduce=self._sum_across_processes if accelerator.num_processes > 1 else None)
+                all_reduce=self._sum_across_processes if accelerator.num_processes > 1 else None,
+                weighting=config.least_squares_weighting)
         state.train_seconds += time.perf_counter() - started
         self._log({"step": 0, "tokens_seen": 0, "stage": "least_squares", "least_squares_tokens": fit.tokens,
                    "key_value_relative_error_before": fit.relative_error_before,
