@@ -16,7 +16,7 @@ from swiftkv.checkpoint import save_checkpoint
 from swiftkv.convert import convert_to_swiftkv
 from swiftkv.distill import DistillConfig, DistillTrainer
 from swiftkv.distill.corpus import teacher_corpus, teacher_fingerprint
-from swiftkv.distill.least_squares import fit_single_input_key_values
+from swiftkv.distill.least_squares import _AttentionReceived, _Moments, fit_single_input_key_values
 from swiftkv.distill.data import (DataError, encode_record, pack_sequences, read_records, split_records,
                                   train_eval_blocks)
 from swiftkv.distill.losses import (_CompiledWithFallback, _kl_teacher_student, hidden_state_loss,
@@ -24,6 +24,7 @@ from swiftkv.distill.losses import (_CompiledWithFallback, _kl_teacher_student, 
 from swiftkv.distill.prompts import builtin_prompts
 from swiftkv.distill.trainer import DistillationModel, freeze_all_but_swiftkv
 from swiftkv.loading import load_model
+from swiftkv.models.swiftkv import swiftkv_mode
 
 from conftest import make_base_model, make_tiny_tokenizer, perturb_swiftkv_weights
 
@@ -102,6 +103,34 @@ def test_least_squares_start_recovers_keys_and_values_that_are_linear_in_the_sin
             torch.testing.assert_close(fitted.bias, exact.bias, atol=1e-3, rtol=1e-3)
     assert fit.tokens == 48 * 24
     assert fit.relative_error_after < fit.relative_error_before
+
+
+def test_weighted_least_squares_ignores_tokens_of_zero_weight():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=generator)
+    exact = torch.randn(8, 3, generator=generator)
+    y = x @ exact
+    y[100:] = torch.randn(100, 3, generator=generator)  # noise on tokens no query attends to
+    moments = _Moments(8, 3, bias=False)
+    moments.add(x, y, weight=torch.cat([torch.rand(100, generator=generator) + 0.5, torch.zeros(100)]))
+    torch.testing.assert_close(moments.solve(ridge=1e-12).float(), exact, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_received_sums_every_query_row_once_per_layer_and_query_head():
+    model = convert_to_swiftkv(make_base_model("llama", **SHARP), num_key_value_layers=4, key_value_group_size=2)
+    model.set_attn_implementation("eager")
+    received = _AttentionReceived(model)
+    with torch.no_grad(), swiftkv_mode(model, enabled=False):
+        model(blocks(3, length=10), use_cache=False)
+    totals = received.pop()
+    received.remove()
+    config = model.config
+    query_heads_per_kv_head = config.num_attention_heads // config.num_key_value_heads
+    assert sorted(totals) == sorted({config.kv_cache_index(i) for i in range(4, config.num_hidden_layers)})
+    for total in totals.values():  # [batch, kv_heads, key]; each query's probabilities sum to 1
+        assert total.shape == (3, config.num_key_value_heads, 10)
+        torch.testing.assert_close(total.sum(-1), torch.full((3, config.num_key_value_heads),
+                                                             10.0 * query_heads_per_kv_head * 2))
 
 
 def test_least_squares_start_is_logged_and_beats_the_paper_copies_on_held_out_kl(tmp_path):

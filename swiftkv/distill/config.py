@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from swiftkv.distill.least_squares import WEIGHTINGS
+
 
 @dataclass
 class DistillConfig:
@@ -47,8 +49,8 @@ class DistillConfig:
             raise ValueError(f"least_squares_blocks must be >= 0, got {self.least_squares_blocks}")
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.eval_fraction < 1:
             raise ValueError("warmup_ratio and eval_fraction must be in [0, 1)")
-        if self.least_squares_weighting not in ("uniform", "attention"):
-            raise ValueError("least_squares_weighting must be 'uniform' or 'attention', "
+        if self.least_squares_weighting not in WEIGHTINGS:
+            raise ValueError(f"least_squares_weighting must be one of {WEIGHTINGS}, "
                              f"got {self.least_squares_weighting!r}")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise ValueError(f"mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")

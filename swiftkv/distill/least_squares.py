@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from swiftkv.models.swiftkv import swiftkv_mode
 
+WEIGHTINGS = ("uniform", "attention")
+
 
 @dataclass
 class LeastSquaresFit:
@@ -95,7 +97,8 @@ class _AttentionReceived:
     def __init__(self, model: nn.Module):
         config = model.config
         self.totals: dict[int, torch.Tensor] = {}
-        self.hooks = [model.model.layers[index].self_attn.register_forward_hook(self._hook(config.kv_cache_index(index)))
+        layers = model.model.layers
+        self.hooks = [layers[index].self_attn.register_forward_hook(self._hook(config.kv_cache_index(index)))
                       for index in range(config.num_key_value_layers, config.num_hidden_layers)]
         self.kv_heads = config.num_key_value_heads
 
@@ -129,8 +132,8 @@ def fit_single_input_key_values(model: nn.Module, blocks: torch.Tensor, batch_si
     With several processes, each passes its own share of the blocks and `all_reduce` (a sum over processes);
     every process then solves the same system and sets the same weights.
     """
-    if weighting not in ("uniform", "attention"):
-        raise ValueError(f"weighting must be 'uniform' or 'attention', got {weighting!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     config, decoder = model.config, model.model
     leaders = list(config.group_leaders())
     if not leaders:
