@@ -5,10 +5,12 @@ Systems (same weights, dtype and threads):
   engine-base   this engine on the base model
   swiftkv-g1    this engine on SwiftKV-50% (num_key_value_layers=15 of 30, no AcrossKV)
   swiftkv-g2    this engine on SwiftKV with AcrossKV groups of 2 (num_key_value_layers=16: (30-l) % 2 == 0)
+(for another depth L: l = L/2, rounded up for groups of 2).
 Serving replays Poisson arrivals of `--requests` requests (`--input-len` in / `--output-len` out) into the
 engine in-process, under one fixed KV-cache budget; metrics are named as in `vllm bench serve`.
-Speed does not depend on the SwiftKV weights, so an untrained conversion is measured.
-Writes JSON and a PNG.
+Speed does not depend on the SwiftKV weights, so an untrained conversion is measured; `--random-weights SHAPE`
+times a random-weight model of that shape (on a GPU, where only the repository travels; `--model` then only
+supplies the tokenizer). Writes JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from swiftkv.eval.data import data_file
 from swiftkv.loading import DEFAULT_MODEL, load_model, load_tokenizer
 from swiftkv.plotting import png_figure
 
+from prefill import device_name
+from shapes import SHAPES, random_model, swiftkv_layer_counts
+
 
 def engine_ttft(engine: LLMEngine, prompt: list[int], repeats: int) -> float:
     times = []
@@ -40,14 +45,21 @@ def engine_ttft(engine: LLMEngine, prompt: list[int], repeats: int) -> float:
     return statistics.median(times)
 
 
+def greedy_token(output) -> torch.Tensor:
+    """The next token `[1, 1]`, waited for: a server must have it on the host to stream it."""
+    token = output.logits[:, -1:].argmax(-1)
+    token.item()
+    return token
+
+
 @torch.inference_mode()
 def hf_ttft(model, prompt: list[int], repeats: int) -> float:
     times = []
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # the first is a warm-up
         start = time.perf_counter()
-        model(torch.tensor([prompt]), logits_to_keep=1, use_cache=True).logits.argmax(-1)
+        greedy_token(model(torch.tensor([prompt], device=model.device), logits_to_keep=1, use_cache=True))
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times[1:])
 
 
 def engine_decode_ms(engine: LLMEngine, prompts: list[list[int]], tokens: int) -> dict:
@@ -62,13 +74,13 @@ def engine_decode_ms(engine: LLMEngine, prompts: list[list[int]], tokens: int) -
 
 @torch.inference_mode()
 def hf_decode_ms(model, prompt: list[int], tokens: int) -> dict:
-    input_ids = torch.tensor([prompt])
+    input_ids = torch.tensor([prompt], device=model.device)
     start = time.perf_counter()
-    model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=1, do_sample=False)
+    model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=1, do_sample=False).tolist()
     prefill = time.perf_counter() - start
     start = time.perf_counter()
     model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens, do_sample=False,
-                   eos_token_id=None, pad_token_id=0)
+                   eos_token_id=None, pad_token_id=0).tolist()
     per_token = (time.perf_counter() - start - prefill) / (tokens - 1)
     return {"ms_per_token_per_stream": 1000 * per_token, "output_tokens_per_second": 1 / per_token}
 
@@ -100,16 +112,16 @@ def serve_hf(model, prompts: list[list[int]], arrivals: list[float], output_len:
     records, clock = [], 0.0
     for arrival, prompt in zip(arrivals, prompts):
         clock = max(clock, arrival)
-        input_ids = torch.tensor([prompt])
+        input_ids = torch.tensor([prompt], device=model.device)
         start = time.perf_counter()
         output = model(input_ids, logits_to_keep=1, use_cache=True)
-        first = time.perf_counter() - start
-        past, token, token_times = output.past_key_values, output.logits[:, -1:].argmax(-1), [first]
+        past, token = output.past_key_values, greedy_token(output)
+        token_times = [time.perf_counter() - start]
         for _ in range(output_len - 1):
             output = model(token, past_key_values=past, use_cache=True)
-            past, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+            past, token = output.past_key_values, greedy_token(output)
             token_times.append(time.perf_counter() - start)
-        records.append({"ttft": clock - arrival + first, "token_times": token_times})
+        records.append({"ttft": clock - arrival + token_times[0], "token_times": token_times})
         clock += token_times[-1]
     ttft = [r["ttft"] for r in records]
     tpot = [(r["token_times"][-1] - r["token_times"][0]) / (output_len - 1) for r in records]
@@ -151,19 +163,26 @@ def main() -> None:
     parser.add_argument("--request-rate", type=float, default=1.0, help="Poisson arrivals per second")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=0.25)
     parser.add_argument("--systems", nargs="+", default=["hf", "engine-base", "swiftkv-g1", "swiftkv-g2"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--random-weights", choices=sorted(SHAPES), help="time a random-weight model of this shape")
     parser.add_argument("--out", default="benchmarks/results/engine")
     args = parser.parse_args()
 
     tokenizer = load_tokenizer(args.model)
-    base = load_model(args.model, dtype=args.dtype)
+    if args.random_weights:
+        base = random_model(args.random_weights, getattr(torch, args.dtype), args.device)
+    else:
+        base = load_model(args.model, dtype=args.dtype, device=args.device)
     text_ids = tokenizer(data_file("wikitext2_test_raw.txt").read_text()[:400_000], add_special_tokens=False).input_ids
     rng = np.random.default_rng(0)
     serve_prompts = [text_ids[i * 997:i * 997 + args.input_len] for i in range(args.requests)]
     arrivals = np.cumsum(rng.exponential(1 / args.request_rate, args.requests)).tolist()
     arrivals = [a - arrivals[0] for a in arrivals]
-    models = {"engine-base": base, "swiftkv-g1": convert_to_swiftkv(base, 15, 1),
-              "swiftkv-g2": convert_to_swiftkv(base, 16, 2)}
-    results = {"settings": vars(args), "threads": torch.get_num_threads(), "systems": {}}
+    layers = swiftkv_layer_counts(base.config.num_hidden_layers)
+    models = {"engine-base": base, "swiftkv-g1": convert_to_swiftkv(base, layers[1], 1),
+              "swiftkv-g2": convert_to_swiftkv(base, layers[2], 2)}
+    results = {"settings": vars(args), "device": device_name(args.device), "threads": torch.get_num_threads(),
+               "systems": {}}
     for system in args.systems:
         print(f"== {system}", flush=True)
         row = {}
@@ -228,7 +247,9 @@ def plot(results: dict, path: Path) -> None:
         axes[2].set_xticks(range(len(systems)), list(systems), rotation=20)
         s = results["settings"]
         axes[2].set_ylabel(f"total tokens/s ({s['input_len']} in / {s['output_len']} out, {s['request_rate']} req/s)")
-        fig.suptitle(f"{s['model']} {s['dtype']}, {results['threads']} CPU threads, KV budget {s['kv_cache_memory_gb']} GB")
+        model = f"random-weight {s['random_weights']}" if s.get("random_weights") else s["model"]
+        device = results.get("device", f"{results['threads']} CPU threads")
+        fig.suptitle(f"{model} {s['dtype']}, {device}, KV budget {s['kv_cache_memory_gb']} GB")
 
 
 if __name__ == "__main__":

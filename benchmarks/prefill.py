@@ -4,6 +4,8 @@ Prefill = one forward over the prompt that returns the next-token logits and fil
 (HF `transformers` path: `logits_to_keep=1`, `DynamicCache`). The base is the same checkpoint with
 `swiftkv = False`, so weights, dtype and kernels are identical and only SwiftKV differs.
 
+`--random-weights SHAPE` times a random-weight model of that shape instead (on a GPU, where only the repository
+travels); `--model` then only supplies the tokenizer, and fidelity, which needs real weights, is skipped.
 Writes JSON (times, ratios, fidelity) and a PNG bar plot.
 """
 
@@ -24,14 +26,17 @@ from swiftkv.loading import DEFAULT_MODEL, load_model, load_tokenizer
 from swiftkv.models.swiftkv import swiftkv_mode
 from swiftkv.plotting import png_figure
 
+from shapes import SHAPES, random_model
+
 
 @torch.no_grad()
 def prefill_seconds(model, input_ids: torch.Tensor, repeats: int) -> list[float]:
-    model(input_ids[:, :64], logits_to_keep=1, use_cache=True)  # warm-up
+    """Seconds until the next token is on the host (`.item()` waits for a GPU to finish)."""
+    model(input_ids, logits_to_keep=1, use_cache=True).logits.argmax(-1).item()  # warm-up at this length
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model(input_ids, logits_to_keep=1, use_cache=True)
+        model(input_ids, logits_to_keep=1, use_cache=True).logits.argmax(-1).item()
         times.append(time.perf_counter() - start)
     return times
 
@@ -45,17 +50,26 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fidelity-chunks", type=int, default=4, help="wikitext windows of 128 tokens")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--random-weights", choices=sorted(SHAPES), help="time a random-weight model of this shape")
     parser.add_argument("--out", default="benchmarks/results/prefill")
     args = parser.parse_args()
 
     tokenizer = load_tokenizer(args.model)
-    model = convert_to_swiftkv(load_model(args.model, dtype="float32"), args.num_key_value_layers,
-                               args.key_value_group_size)
     text = data_file("wikitext2_test_raw.txt").read_text()
-    fidelity = measure_fidelity(model, text_chunks(tokenizer, text, 128, args.fidelity_chunks))
-
-    model = model.to(getattr(torch, args.dtype))
-    all_ids = tokenizer(text[:200_000], return_tensors="pt").input_ids
+    dtype = getattr(torch, args.dtype)
+    if args.random_weights:
+        model = convert_to_swiftkv(random_model(args.random_weights, dtype, args.device),
+                                   args.num_key_value_layers, args.key_value_group_size)
+        fidelity = None
+    else:
+        model = convert_to_swiftkv(load_model(args.model, dtype="float32"), args.num_key_value_layers,
+                                   args.key_value_group_size)
+        fidelity = measure_fidelity(model, text_chunks(tokenizer, text, 128, args.fidelity_chunks)).summary()
+        model = model.to(args.device, dtype)
+    all_ids = tokenizer(text[:1_000_000], return_tensors="pt").input_ids.to(args.device)
+    if all_ids.shape[1] < max(args.lengths):
+        raise SystemExit(f"wikitext gives {all_ids.shape[1]} tokens, fewer than --lengths {max(args.lengths)}")
     rows = []
     for length in args.lengths:
         input_ids = all_ids[:, :length]
@@ -69,18 +83,26 @@ def main() -> None:
               f"  speedup {rows[-1]['speedup']:.2f}x")
     config = model.config
     result = {
-        "model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "model": f"random-weight {args.random_weights}" if args.random_weights else args.model,
+        "dtype": args.dtype, "device": device_name(args.device), "threads": torch.get_num_threads(),
         "num_hidden_layers": config.num_hidden_layers, "num_key_value_layers": config.num_key_value_layers,
         "key_value_group_size": config.key_value_group_size,
         "layer_work_fraction": config.num_key_value_layers / config.num_hidden_layers,
-        "untrained_fidelity_wikitext2": fidelity.summary(), "prefill": rows,
+        "untrained_fidelity_wikitext2": fidelity, "prefill": rows,
     }
-    print(json.dumps(result["untrained_fidelity_wikitext2"]))
+    if fidelity is not None:
+        print(json.dumps(fidelity))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(rows, result, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+def device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
 
 
 def plot(rows: list[dict], result: dict, path: Path) -> None:
@@ -95,7 +117,7 @@ def plot(rows: list[dict], result: dict, path: Path) -> None:
         ax.set_xticks(list(x), labels)
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("prefill seconds (median)")
-        ax.set_title(f"{result['model']} prefill, {result['dtype']}, {result['threads']} threads")
+        ax.set_title(f"{result['model']} prefill, {result['dtype']}, {result['device']}")
         ax.legend()
 
 

@@ -116,6 +116,17 @@ def test_weighted_least_squares_ignores_tokens_of_zero_weight():
     torch.testing.assert_close(moments.solve(ridge=1e-12).float(), exact, atol=1e-4, rtol=1e-4)
 
 
+def test_least_squares_moments_stay_float32_under_the_trainers_bf16_autocast():
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(512, 64, generator=generator), torch.randn(512, 8, generator=generator)
+    plain, autocast = _Moments(64, 8, bias=True), _Moments(64, 8, bias=True)
+    plain.add(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast.add(x, y)
+    torch.testing.assert_close(autocast.xtx, plain.xtx, rtol=0, atol=0)
+    torch.testing.assert_close(autocast.xty, plain.xty, rtol=0, atol=0)
+
+
 def test_attention_received_sums_every_query_row_once_per_layer_and_query_head():
     model = convert_to_swiftkv(make_base_model("llama", **SHARP), num_key_value_layers=4, key_value_group_size=2)
     model.set_attn_implementation("eager")

@@ -40,29 +40,37 @@ class LeastSquaresFit:
 
 
 class _Moments:
-    """Running `X^T X`, `X^T Y` and `sum Y^2` (float64 totals of float32 per-batch products).
+    """Running `X^T X`, `X^T Y` and `sum Y^2` (float64 totals of float32 per-batch products), kept on the
+    model's device so a GPU does the products.
 
     `Y` is every fitted projection's output side by side, so one Gram matrix and one product serve them all;
     X gets a column of ones when the projections have a bias.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool):
+    def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device | str = "cpu"):
         self.bias = bias
         size = in_features + int(bias)
-        self.xtx = torch.zeros(size, size, dtype=torch.float64)
-        self.xty = torch.zeros(size, out_features, dtype=torch.float64)
-        self.yty = torch.zeros(out_features, dtype=torch.float64)
+        self.xtx = torch.zeros(size, size, dtype=torch.float64, device=device)
+        self.xty = torch.zeros(size, out_features, dtype=torch.float64, device=device)
+        self.yty = torch.zeros(out_features, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> None:
-        """Rows of `x` `[..., in]` and `y` `[..., out]`; `weight` `[...]` scales each row's squared error."""
-        x, y = x.reshape(-1, x.shape[-1]).float(), y.reshape(-1, y.shape[-1]).float()
-        if self.bias:
-            x = torch.cat([x, torch.ones(len(x), 1)], dim=1)
-        row_weight = torch.ones(len(x), 1) if weight is None else weight.reshape(-1, 1).float()
-        weighted_x = x * row_weight
-        self.xtx += (weighted_x.T @ x).double()
-        self.xty += (weighted_x.T @ y).double()
-        self.yty += (row_weight * y * y).sum(0).double()
+        """Rows of `x` `[..., in]` and `y` `[..., out]`; `weight` `[...]` scales each row's squared error.
+
+        The products run in float32 even under a bf16 autocast (the trainer's): bf16 Gram matrices would
+        lose the small directions of `X` that the solve depends on."""
+        device = self.xtx.device
+        with torch.autocast(device.type, enabled=False):
+            x = x.reshape(-1, x.shape[-1]).to(device, torch.float32)
+            y = y.reshape(-1, y.shape[-1]).to(device, torch.float32)
+            if self.bias:
+                x = torch.cat([x, torch.ones(len(x), 1, device=device)], dim=1)
+            row_weight = (torch.ones(len(x), 1, device=device) if weight is None
+                          else weight.reshape(-1, 1).to(device, torch.float32))
+            weighted_x = x * row_weight
+            self.xtx += (weighted_x.T @ x).double()
+            self.xty += (weighted_x.T @ y).double()
+            self.yty += (row_weight * y * y).sum(0).double()
 
     def squared_error(self, weight: torch.Tensor) -> float:
         """sum ||X W - Y||^2 for `weight` `[in (+1), out]`, from the moments alone."""
@@ -74,7 +82,7 @@ class _Moments:
 
     def solve(self, ridge: float) -> torch.Tensor:
         scale = self.xtx.diagonal().mean().clamp_min(1e-12)
-        regularized = self.xtx + ridge * scale * torch.eye(len(self.xtx), dtype=torch.float64)
+        regularized = self.xtx + ridge * scale * torch.eye(len(self.xtx), dtype=torch.float64, device=self.xtx.device)
         return torch.linalg.solve(regularized, self.xty)
 
 
@@ -107,7 +115,7 @@ class _AttentionReceived:
             probabilities = output[1].float()  # [batch, heads, query, key]
             batch, heads, _, keys = probabilities.shape
             received = probabilities.sum(2).reshape(batch, self.kv_heads, heads // self.kv_heads, keys).sum(2)
-            self.totals[cache_index] = self.totals.get(cache_index, 0) + received.cpu()
+            self.totals[cache_index] = self.totals.get(cache_index, 0) + received
         return add
 
     def pop(self) -> dict[int, torch.Tensor]:
@@ -153,7 +161,8 @@ def fit_single_input_key_values(model: nn.Module, blocks: torch.Tensor, batch_si
         columns = torch.arange(sum(widths)).view(len(leaders), 2, heads, widths[0] // heads)
         systems = [((config.kv_cache_index(leader), head), columns[position, :, head].flatten())
                    for position, leader in enumerate(leaders) for head in range(heads)]
-    moments = [_Moments(config.hidden_size, len(columns), has_bias) for _, columns in systems]
+    device = next(model.parameters()).device
+    moments = [_Moments(config.hidden_size, len(columns), has_bias, device) for _, columns in systems]
 
     captured: dict = {}
     hooks = [decoder.layers[config.num_key_value_layers].register_forward_pre_hook(
@@ -171,13 +180,12 @@ def fit_single_input_key_values(model: nn.Module, blocks: torch.Tensor, batch_si
         if attention is not None:
             model.set_attn_implementation("eager")
         with swiftkv_mode(model, enabled=False):
-            device = next(model.parameters()).device
             for start in tqdm(range(0, len(blocks), batch_size), desc="least-squares K/V fit", unit="batch",
                               disable=not show_progress):
                 batch = blocks[start:start + batch_size].to(device)
                 model(batch, use_cache=False, logits_to_keep=1)
-                single_input = decoder.norm_swiftkv(captured["single_input"]).cpu()
-                targets = torch.cat([captured[index] for index in range(len(teacher_projections))], dim=-1).cpu()
+                single_input = decoder.norm_swiftkv(captured["single_input"])
+                targets = torch.cat([captured[index] for index in range(len(teacher_projections))], dim=-1)
                 received = attention.pop() if attention is not None else {}
                 for (key, columns), system in zip(systems, moments):
                     weight = None if key is None else received[key[0]][:, key[1]]
@@ -194,7 +202,7 @@ def fit_single_input_key_values(model: nn.Module, blocks: torch.Tensor, batch_si
     if all_reduce is not None:
         for system in moments:
             system.sum_across(all_reduce)
-        tokens = int(all_reduce(torch.tensor([tokens], dtype=torch.float64)).item())
+        tokens = int(all_reduce(torch.tensor([tokens], dtype=torch.float64, device=device)).item())
     current = torch.cat([_weight_matrix(projection) for projection in swiftkv_projections], dim=1)
     solution = torch.empty_like(current)
     error_before = error_after = total = 0.0

@@ -260,7 +260,7 @@ class DistillTrainer:
                    "train_seconds": state.train_seconds, **self.evaluate()})
 
     def _sum_across_processes(self, total: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.reduce(total.to(self.accelerator.device), reduction="sum").cpu()
+        return self.accelerator.reduce(total.to(self.accelerator.device), reduction="sum").to(total.device)
 
     def _log(self, record: dict) -> None:
         self.state.history.append(record)

@@ -30,7 +30,7 @@ def sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
         if params.greedy:
             tokens.append(greedy[row])
             continue
-        scores = logits[row] / params.temperature
+        scores = logits[row].cpu() / params.temperature  # the seeded generator is a CPU one, on any device
         if params.top_k:
             kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The CUDA path and GPU timings in one run, on a machine with an NVIDIA GPU and PyTorch:
+#   bash benchmarks/gpu_check.sh RESULTS_DIR
+# 1. tests/test_cuda.py (model, engine, least-squares start and distillation on CUDA)
+# 2. prefill, base vs SwiftKV-50%, of a random-weight Llama-3.1-8B shape (benchmarks/prefill.py)
+# 3. the engine (TTFT, decode, serving) on the Llama-3.1-8B shape (benchmarks/engine.py)
+# 4. `swiftkv distill` under `accelerate launch` on a random-weight SmolLM2-135M-shaped checkpoint
+# 5. prefill of the SmolLM2-135M shape
+# Each step has its own time limit and writes its own results, so one failure loses nothing else.
+# Only this repository travels to a lent GPU machine, so it reads the tokenizer from .gpu/smollm2-135m-no-weights,
+# wikitext from .gpu/data and, where the machine's transformers is not 4.57, wheels from .whl. Made here with:
+#   mkdir -p .gpu/data && cp ../shared/data/wikitext2_test_raw.txt .gpu/data/
+#   .venv/bin/python -c "from swiftkv.loading import *; from transformers import AutoConfig
+#   s = resolve_model_source(DEFAULT_MODEL); d = '.gpu/smollm2-135m-no-weights'
+#   AutoConfig.from_pretrained(s.name_or_path, gguf_file=s.gguf_file).save_pretrained(d)
+#   load_tokenizer(DEFAULT_MODEL).save_pretrained(d)" && rm .gpu/smollm2-135m-no-weights/tokenizer.model
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       -d .whl transformers==4.57.6 tokenizers==0.22.2 huggingface-hub==0.36.2
+# (the tokenizer.model that save_pretrained writes is the whole GGUF file; tokenizer.json is enough)
+set -uo pipefail
+results=${1:?usage: gpu_check.sh RESULTS_DIR}
+mkdir -p "$results"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD:$PWD/benchmarks HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export SWIFTKV_DATA_DIR=$PWD/.gpu/data TOKENIZERS_PARALLELISM=false
+tokenizer=.gpu/smollm2-135m-no-weights  # its config.json and tokenizer, no weights
+step() { echo "=== $* ($(date +%T))"; }
+
+step environment
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+step tests on CUDA
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+
+step prefill, Llama-3.1-8B shape
+timeout 120 python3 benchmarks/prefill.py --model $tokenizer --random-weights llama-3.1-8b --device cuda \
+    --lengths 2048 8192 32768 --out "$results/prefill_gpu_llama8b"
+
+step engine
+timeout 200 python3 benchmarks/engine.py --model $tokenizer --random-weights llama-3.1-8b --device cuda \
+    --ttft-lengths 2048 8192 16384 --decode-tokens 32 --requests 24 --input-len 2000 --output-len 64 \
+    --request-rate 1000 --kv-cache-memory-gb 4 --out "$results/engine_gpu_llama8b"
+
+step distill under accelerate launch
+work=$(mktemp -d)
+python3 - "$work" "$tokenizer" <<'EOF'
+import json, shutil, sys
+import torch
+from shapes import random_model
+work, tokenizer = sys.argv[1:]
+random_model("smollm2-135m", torch.bfloat16, "cpu").save_pretrained(f"{work}/base")
+for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+    shutil.copy(f"{tokenizer}/{name}", f"{work}/base/{name}")
+lines = [line.strip() for line in open(".gpu/data/wikitext2_test_raw.txt") if len(line) > 200]
+with open(f"{work}/data.jsonl", "w") as out:
+    out.writelines(json.dumps({"text": line}) + "\n" for line in lines)
+EOF
+python3 -m swiftkv.cli convert --model "$work/base" --out "$work/swiftkv" --num-key-value-layers 0.5 && \
+timeout 150 python3 -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
+    -m swiftkv.cli distill --model "$work/swiftkv" --data "$work/data.jsonl" --out "$work/distill" \
+    --max-steps 60 --micro-batch-size 8 --eval-every 30 --save-every 30 --least-squares-blocks 64
+cp "$work/distill/history.json" "$results/distill_gpu_history.json"
+
+step prefill, SmolLM2-135M shape
+timeout 90 python3 benchmarks/prefill.py --model $tokenizer --random-weights smollm2-135m --device cuda \
+    --lengths 2048 8192 32768 --out "$results/prefill_gpu_smollm2"
+step done
