@@ -154,6 +154,31 @@ def test_least_squares_start_is_logged_and_beats_the_paper_copies_on_held_out_kl
     assert fitted["key_value_relative_error_after"] < fitted["key_value_relative_error_before"]
 
 
+def test_cached_teacher_outputs_train_like_recomputing_them_at_every_step(tmp_path):
+    data = blocks(80)
+    runs = {}
+    for budget_gb in (0.0, 1.0):
+        trainer = DistillTrainer(student(), data[8:], data[:8], quick_config(frozen_cache_gb=budget_gb),
+                                 tmp_path / str(budget_gb))
+        history = trainer.train().history
+        assert (trainer.train_cache is not None) == (budget_gb > 0)
+        runs[budget_gb] = trainable_state(trainer.student), [r["eval_kl"] for r in history if "eval_kl" in r]
+    (recomputed, recomputed_kl), (cached, cached_kl) = runs[0.0], runs[1.0]
+    for name, parameter in recomputed.items():
+        torch.testing.assert_close(cached[name], parameter, atol=1e-5, rtol=1e-4)
+    assert cached_kl == pytest.approx(recomputed_kl, rel=1e-4)
+
+
+def test_teacher_outputs_over_the_memory_budget_are_recomputed_at_every_step(tmp_path):
+    data = blocks(80)
+    trainer = DistillTrainer(student(), data[8:], data[:8], quick_config(max_steps=4, frozen_cache_gb=1e-6),
+                             tmp_path)
+    history = trainer.train().history
+    assert trainer.train_cache is None and trainer.eval_cache is None
+    assert [r["frozen_cache_gb"] for r in history if r.get("stage") == "frozen_cache"] == [0.0]
+    assert history[-1]["step"] == 4
+
+
 def test_hidden_state_loss_is_reported_when_enabled(tmp_path):
     config = quick_config(max_steps=2, hidden_loss_weight=1.0, hidden_loss_layer=-2)
     state = DistillTrainer(student(), blocks(), blocks(8, seed=1), config, tmp_path).train()

@@ -26,7 +26,7 @@ class DistillConfig:
     corpus_prompts: int = 512            # default data: built-in prompts the teacher answers
     corpus_max_new_tokens: int = 128     # ... tokens per answer
     corpus_samples: int = 1              # ... answers per prompt (seeded differently)
-    max_steps: int = 400                 # optimizer steps; the schedule spans them
+    max_steps: int = 600                 # optimizer steps; the schedule spans them
     max_grad_norm: float = 1.0
     eval_every: int = 25
     save_every: int = 25
@@ -34,6 +34,7 @@ class DistillConfig:
     eval_fraction: float = 0.05          # share of prompts held out (by hash; never trained on)
     max_eval_blocks: int = 16
     mixed_precision: str = "auto"        # "auto" (bf16 where supported), "bf16", "fp16", "no"
+    frozen_cache_gb: float = 8.0         # layer l-1 outputs + teacher logits of every block, computed once; 0 = off
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -45,6 +46,8 @@ class DistillConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.frozen_cache_gb < 0:
+            raise ValueError(f"frozen_cache_gb must be >= 0, got {self.frozen_cache_gb}")
         if self.least_squares_blocks < 0:
             raise ValueError(f"least_squares_blocks must be >= 0, got {self.least_squares_blocks}")
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.eval_fraction < 1:

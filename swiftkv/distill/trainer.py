@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from swiftkv.distill.config import DistillConfig
+from swiftkv.distill.frozen_cache import FrozenOutputCache
 from swiftkv.distill.least_squares import fit_single_input_key_values
 from swiftkv.distill.losses import hidden_state_loss, logits_distillation_loss
 from swiftkv.eval.fidelity import token_kl_and_agreement
@@ -90,8 +91,33 @@ class DistillationModel(nn.Module):
     def _layer(self, model: nn.Module) -> Optional[nn.Module]:
         return None if self.hidden_layer_index is None else model.model.layers[self.hidden_layer_index]
 
-    def forward(self, input_ids: torch.Tensor) -> DistillOutput:
+    @property
+    def frozen_outputs_cacheable(self) -> bool:
+        """Layers 0..l-1 and the teacher's logits depend only on the tokens (no separate teacher, no hidden MSE)."""
+        return not self.teacher and self.hidden_layer_index is None
+
+    @torch.no_grad()
+    def frozen_outputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output of layer l-1 (shared by teacher and student) and the teacher's logits."""
+        decoder, config = self.student.model, self.student.config
+        embeds = decoder.embed_tokens(input_ids)
+        inputs = decoder.prepare_layer_inputs(embeds, use_cache=False)
+        shared = decoder.run_layers(embeds, range(config.num_key_value_layers), inputs)
+        teacher_hidden = decoder.run_layers(shared, range(config.num_key_value_layers, config.num_hidden_layers),
+                                            inputs)
+        return shared, self.student.lm_head(decoder.norm(teacher_hidden))
+
+    def forward(self, input_ids: torch.Tensor, shared: Optional[torch.Tensor] = None,
+                teacher_logits: Optional[torch.Tensor] = None) -> DistillOutput:
+        """`shared` and `teacher_logits`, when given, are `frozen_outputs(input_ids)` computed earlier."""
         student = self.student
+        if shared is None and self.frozen_outputs_cacheable:
+            shared, teacher_logits = self.frozen_outputs(input_ids)
+        if shared is not None:
+            decoder = student.model
+            inputs = decoder.prepare_layer_inputs(decoder.embed_tokens(input_ids), use_cache=False)
+            student_logits = student.lm_head(decoder.norm(decoder.swiftkv_layers(shared, inputs)))
+            return DistillOutput(student_logits, teacher_logits, None, None)
         if self.teacher:
             teacher = self.teacher[0]
             with torch.no_grad(), _CaptureOutput(self._layer(teacher)) as teacher_capture:
@@ -170,6 +196,8 @@ class DistillTrainer:
         self.state = TrainerState()
         self.accelerator.register_for_checkpointing(self.state)
         self.train_blocks, self.eval_blocks = train_blocks, eval_blocks[: config.max_eval_blocks]
+        self.train_cache: Optional[FrozenOutputCache] = None
+        self.eval_cache: Optional[FrozenOutputCache] = None
         if len(train_blocks) < config.micro_batch_size * self.accelerator.num_processes:
             raise ValueError(f"{len(train_blocks)} training blocks are fewer than one batch "
                              f"({config.micro_batch_size} x {self.accelerator.num_processes} processes)")
@@ -179,7 +207,7 @@ class DistillTrainer:
         return self.accelerator.unwrap_model(self.model).student
 
     def micro_batch(self, step: int, accumulation_index: int) -> torch.Tensor:
-        """Blocks of one micro-batch: a seeded permutation per epoch, sharded across processes."""
+        """Indices of one micro-batch's blocks: a seeded permutation per epoch, sharded across processes."""
         config, accelerator = self.config, self.accelerator
         size = config.micro_batch_size
         global_index = (step * config.gradient_accumulation_steps + accumulation_index) * accelerator.num_processes
@@ -187,10 +215,12 @@ class DistillTrainer:
         batches_per_epoch = len(self.train_blocks) // size
         epoch, offset = divmod(global_index, batches_per_epoch)
         order = torch.randperm(len(self.train_blocks), generator=torch.Generator().manual_seed(config.seed + epoch))
-        return self.train_blocks[order[offset * size:(offset + 1) * size]].to(accelerator.device)
+        return order[offset * size:(offset + 1) * size]
 
-    def loss(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        output = self.model(input_ids)
+    def loss(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        device = self.accelerator.device
+        cached = self.train_cache.select(indices, device) if self.train_cache is not None else {}
+        output = self.model(self.train_blocks[indices].to(device), **cached)
         kl = logits_distillation_loss(output.student_logits, output.teacher_logits, self.config.logits_loss_temp)
         loss, parts = kl, {"kl_loss": kl.item()}
         if output.student_hidden is not None:
@@ -202,13 +232,15 @@ class DistillTrainer:
     @torch.no_grad()
     def evaluate(self, blocks: Optional[torch.Tensor] = None) -> dict:
         """KL(teacher || student) at T=1 and top-1 agreement, token-weighted, on `blocks` (default: held out)."""
+        cache = self.eval_cache if blocks is None else None
         blocks = self.eval_blocks if blocks is None else blocks
+        device, size = self.accelerator.device, self.config.micro_batch_size
         self.model.eval()
         total_kl = total_agreement = total = 0.0
-        for start in range(0, len(blocks), self.config.micro_batch_size):
-            batch = blocks[start:start + self.config.micro_batch_size].to(self.accelerator.device)
+        for start in range(0, len(blocks), size):
+            cached = cache.select(slice(start, start + size), device) if cache is not None else {}
             with self.accelerator.autocast():
-                output = self.model(batch)
+                output = self.model(blocks[start:start + size].to(device), **cached)
             kl, agreement = token_kl_and_agreement(output.teacher_logits, output.student_logits)
             total_kl, total_agreement, total = total_kl + kl.sum().item(), total_agreement + agreement.sum().item(), total + kl.numel()
         self.model.train()
@@ -259,6 +291,30 @@ class DistillTrainer:
                    "key_value_relative_error_after": fit.relative_error_after,
                    "train_seconds": state.train_seconds, **self.evaluate()})
 
+    def cache_frozen_outputs(self) -> None:
+        """Layer l-1 outputs and teacher logits of the training and held-out blocks, when they fit the budget."""
+        config, accelerator = self.config, self.accelerator
+        model = accelerator.unwrap_model(self.model)
+        if config.frozen_cache_gb == 0 or not model.frozen_outputs_cacheable:
+            return
+        started = time.perf_counter()
+        budget = config.frozen_cache_gb * 2**30
+        caches = []
+        for blocks in (self.eval_blocks, self.train_blocks):
+            caches.append(FrozenOutputCache.build(model, blocks, config.micro_batch_size, accelerator.device, budget,
+                                                  accelerator.autocast, accelerator.is_local_main_process))
+            budget -= caches[-1].nbytes if caches[-1] is not None else budget
+        self.eval_cache, self.train_cache = caches
+        seconds = time.perf_counter() - started
+        self.state.train_seconds += seconds
+        cached_bytes = sum(cache.nbytes for cache in caches if cache is not None)
+        if self.train_cache is None and accelerator.is_local_main_process:
+            tqdm.write(f"teacher outputs of {len(self.train_blocks)} training blocks exceed frozen_cache_gb="
+                       f"{config.frozen_cache_gb}: computing them at every step instead")
+        self._log({"step": self.state.step, "tokens_seen": self.state.tokens_seen, "stage": "frozen_cache",
+                   "frozen_cache_gb": cached_bytes / 2**30, "frozen_cache_seconds": seconds,
+                   "train_seconds": self.state.train_seconds})
+
     def _sum_across_processes(self, total: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(total.to(self.accelerator.device), reduction="sum").to(total.device)
 
@@ -274,6 +330,8 @@ class DistillTrainer:
         resumed = resume and self.resume()
         if not resumed and state.step == 0:
             self.initialize()
+        if state.step < config.max_steps:
+            self.cache_frozen_outputs()
         self.model.train()
         bar = tqdm(total=config.max_steps, initial=state.step, desc="distill", unit="step",
                    disable=not accelerator.is_local_main_process)
