@@ -111,32 +111,21 @@ class DistillationModel(nn.Module):
                 teacher_logits: Optional[torch.Tensor] = None) -> DistillOutput:
         """`shared` and `teacher_logits`, when given, are `frozen_outputs(input_ids)` computed earlier."""
         student = self.student
-        if shared is None and self.frozen_outputs_cacheable:
-            shared, teacher_logits = self.frozen_outputs(input_ids)
-        if shared is not None:
-            decoder = student.model
-            inputs = decoder.prepare_layer_inputs(decoder.embed_tokens(input_ids), use_cache=False)
-            student_logits = student.lm_head(decoder.norm(decoder.swiftkv_layers(shared, inputs)))
-            return DistillOutput(student_logits, teacher_logits, None, None)
         if self.teacher:
             teacher = self.teacher[0]
             with torch.no_grad(), _CaptureOutput(self._layer(teacher)) as teacher_capture:
                 teacher_logits = teacher(input_ids, use_cache=False).logits
             with _CaptureOutput(self._layer(student)) as student_capture:
                 student_logits = student(input_ids, use_cache=False).logits
-        else:
-            decoder, config = student.model, student.config
-            embeds = decoder.embed_tokens(input_ids)
-            inputs = decoder.prepare_layer_inputs(embeds, use_cache=False)
-            with torch.no_grad():
-                shared = decoder.run_layers(embeds, range(config.num_key_value_layers), inputs)
-                with _CaptureOutput(self._layer(student)) as teacher_capture:
-                    teacher_hidden = decoder.run_layers(
-                        shared, range(config.num_key_value_layers, config.num_hidden_layers), inputs)
-                teacher_logits = student.lm_head(decoder.norm(teacher_hidden))
-            with _CaptureOutput(self._layer(student)) as student_capture:
-                student_hidden = decoder.swiftkv_layers(shared, inputs)
-            student_logits = student.lm_head(decoder.norm(student_hidden))
+            return DistillOutput(student_logits, teacher_logits, student_capture.value, teacher_capture.value)
+        with _CaptureOutput(self._layer(student) if shared is None else None) as teacher_capture:
+            if shared is None:
+                shared, teacher_logits = self.frozen_outputs(input_ids)
+        decoder = student.model
+        inputs = decoder.prepare_layer_inputs(decoder.embed_tokens(input_ids), use_cache=False)
+        with _CaptureOutput(self._layer(student)) as student_capture:
+            student_hidden = decoder.swiftkv_layers(shared, inputs)
+        student_logits = student.lm_head(decoder.norm(student_hidden))
         return DistillOutput(student_logits, teacher_logits, student_capture.value, teacher_capture.value)
 
 
@@ -298,21 +287,23 @@ class DistillTrainer:
         if config.frozen_cache_gb == 0 or not model.frozen_outputs_cacheable:
             return
         started = time.perf_counter()
+
+        def build(blocks: torch.Tensor, budget_bytes: float) -> Optional[FrozenOutputCache]:
+            return FrozenOutputCache.build(model, blocks, config.micro_batch_size, accelerator.device, budget_bytes,
+                                           accelerator.autocast, accelerator.is_local_main_process)
+
         budget = config.frozen_cache_gb * 2**30
-        caches = []
-        for blocks in (self.eval_blocks, self.train_blocks):
-            caches.append(FrozenOutputCache.build(model, blocks, config.micro_batch_size, accelerator.device, budget,
-                                                  accelerator.autocast, accelerator.is_local_main_process))
-            budget -= caches[-1].nbytes if caches[-1] is not None else budget
-        self.eval_cache, self.train_cache = caches
+        self.eval_cache = build(self.eval_blocks, budget)
+        eval_bytes = self.eval_cache.nbytes if self.eval_cache is not None else 0
+        self.train_cache = build(self.train_blocks, budget - eval_bytes)
+        train_bytes = self.train_cache.nbytes if self.train_cache is not None else 0
         seconds = time.perf_counter() - started
         self.state.train_seconds += seconds
-        cached_bytes = sum(cache.nbytes for cache in caches if cache is not None)
         if self.train_cache is None and accelerator.is_local_main_process:
             tqdm.write(f"teacher outputs of {len(self.train_blocks)} training blocks exceed frozen_cache_gb="
                        f"{config.frozen_cache_gb}: computing them at every step instead")
         self._log({"step": self.state.step, "tokens_seen": self.state.tokens_seen, "stage": "frozen_cache",
-                   "frozen_cache_gb": cached_bytes / 2**30, "frozen_cache_seconds": seconds,
+                   "frozen_cache_gb": (eval_bytes + train_bytes) / 2**30, "frozen_cache_seconds": seconds,
                    "train_seconds": self.state.train_seconds})
 
     def _sum_across_processes(self, total: torch.Tensor) -> torch.Tensor:
