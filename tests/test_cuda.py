@@ -13,34 +13,15 @@ import torch
 from swiftkv.convert import convert_to_swiftkv
 from swiftkv.distill import DistillTrainer
 from swiftkv.distill.least_squares import fit_single_input_key_values
-from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
-from swiftkv.engine.llm_engine import request_output
+from swiftkv.engine import SamplingParams
 
-from conftest import make_base_model, make_tiny_tokenizer, perturb_swiftkv_weights
+from conftest import make_base_model, perturb_swiftkv_weights
 from test_distill import SHARP, blocks, quick_config, student
+from test_engine import GREEDY, engine_for, hf_greedy, prompts, run, swiftkv_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CUDA = torch.device("cuda")
-
-
-def swiftkv_model(family="llama", group_size=1):
-    model = convert_to_swiftkv(make_base_model(family), 2, group_size)
-    perturb_swiftkv_weights(model)
-    return model
-
-
-def prompts(count=4, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 96, (int(length),), generator=generator).tolist()
-            for length in torch.randint(5, 40, (count,), generator=generator)]
-
-
-def hf_greedy(model, prompt, max_tokens):
-    input_ids = torch.tensor([prompt], device=model.device)
-    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_tokens,
-                            do_sample=False, eos_token_id=None, pad_token_id=0)
-    return output[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("family, group_size", [("llama", 1), ("llama", 2), ("qwen2", 2)])
@@ -57,28 +38,17 @@ def test_swiftkv_logits_on_cuda_equal_cpu_logits(family, group_size):
 def test_engine_on_cuda_is_greedy_token_for_token_equal_to_transformers_on_cuda(model_kind):
     model = make_base_model("llama") if model_kind == "base" else swiftkv_model("llama", int(model_kind[-1]))
     model = model.to(CUDA)
-    engine = LLMEngine(model, make_tiny_tokenizer(),
-                       EngineConfig(dtype="float32", kv_cache_memory_gb=0.01, block_size=4))
+    engine = engine_for(model)
     assert engine.runner.k_cache.is_cuda
-    sequences = [engine.add_request(p, SamplingParams(max_tokens=10, ignore_eos=True)) for p in prompts()]
-    while engine.has_unfinished():
-        engine.step()
-    for prompt, sequence in zip(prompts(), sequences):
-        assert request_output(sequence).token_ids == hf_greedy(model, prompt, 10)
+    for prompt, output in zip(prompts(), run(engine, prompts(), GREEDY)):
+        assert output.token_ids == hf_greedy(model, prompt, 10)
 
 
 def test_seeded_sampling_on_cuda_is_reproducible():
-    engine = LLMEngine(swiftkv_model().to(CUDA), make_tiny_tokenizer(),
-                       EngineConfig(dtype="float32", kv_cache_memory_gb=0.01, block_size=4))
+    engine = engine_for(swiftkv_model().to(CUDA))
     params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=20, seed=7, ignore_eos=True)
-
-    def sampled():
-        sequence = engine.add_request(prompts()[0], params)
-        while engine.has_unfinished():
-            engine.step()
-        return request_output(sequence).token_ids
-
-    assert sampled() == sampled()
+    first, second = (run(engine, prompts()[:1], params)[0].token_ids for _ in range(2))
+    assert first == second
 
 
 def test_least_squares_start_on_cuda_equals_the_cpu_fit():

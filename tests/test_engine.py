@@ -20,7 +20,7 @@ def prompts(count=4, seed=0):
 
 
 def hf_greedy(model, prompt, max_tokens):
-    input_ids = torch.tensor([prompt])
+    input_ids = torch.tensor([prompt], device=model.device)
     output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_tokens,
                             do_sample=False, eos_token_id=None, pad_token_id=0)
     return output[0, len(prompt):].tolist()
