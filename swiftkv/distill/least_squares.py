@@ -184,8 +184,9 @@ def fit_single_input_key_values(model: nn.Module, blocks: torch.Tensor, batch_si
                               disable=not show_progress):
                 batch = blocks[start:start + batch_size].to(device)
                 model(batch, use_cache=False, logits_to_keep=1)
-                single_input = decoder.norm_swiftkv(captured["single_input"])
-                targets = torch.cat([captured[index] for index in range(len(teacher_projections))], dim=-1)
+                # float32 once here, not once per system in `_Moments.add`
+                single_input = decoder.norm_swiftkv(captured["single_input"]).float()
+                targets = torch.cat([captured[index] for index in range(len(teacher_projections))], dim=-1).float()
                 received = attention.pop() if attention is not None else {}
                 for (key, columns), system in zip(systems, moments):
                     weight = None if key is None else received[key[0]][:, key[1]]
