@@ -148,10 +148,87 @@ def test_stop_token_and_stop_string_end_a_request():
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(max_tokens=-1), dict(temperature=-1), dict(top_p=0),
-                                    dict(top_k=-2)])
+                                    dict(top_k=-2), dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                    dict(top_p=float("nan")), dict(seed=2**64), dict(seed=-2**63 - 1),
+                                    dict(stop=[""]), dict(logprobs=21), dict(max_tokens=True)])
 def test_bad_sampling_params_are_rejected(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("prompt", [[96], [-1], [5, 10**20], [True], ["w1"]])
+def test_prompt_token_ids_outside_the_vocabulary_are_rejected(prompt):
+    engine = engine_for(swiftkv_model())
+    with pytest.raises(ValueError, match=r"is not in the model's vocabulary \[0, 96\)"):
+        engine.add_request(prompt, SamplingParams())
+    assert not engine.has_unfinished()
+
+
+def test_a_vanishing_temperature_samples_greedily():
+    model = swiftkv_model()
+    tiny = run(engine_for(model), prompts(2), SamplingParams(max_tokens=8, temperature=1e-300, ignore_eos=True))
+    greedy = run(engine_for(model), prompts(2), GREEDY)
+    assert [o.token_ids for o in tiny] == [o.token_ids[:8] for o in greedy]
+
+
+def test_a_request_that_fails_in_a_batch_ends_alone_and_the_others_finish_unchanged():
+    model = swiftkv_model()
+    expected = run(engine_for(model), prompts(3), GREEDY)
+    engine = engine_for(model)
+    forward = engine.runner.forward
+    poisoned = prompts(3)[1][-1]  # the last prompt token of request 1 is in its prefill and no other batch
+
+    def fails_on_request_1(batch):
+        if batch.input_ids.shape[1] > 1 and (batch.input_ids[0, -1] == poisoned).item():
+            raise RuntimeError("planted")
+        return forward(batch)
+
+    engine.runner.forward = fails_on_request_1
+    outputs = run(engine, prompts(3), GREEDY)
+    assert outputs[1].finish_reason == "error" and outputs[1].token_ids == []
+    assert [outputs[0].token_ids, outputs[2].token_ids] == [expected[0].token_ids, expected[2].token_ids]
+    assert engine.blocks.usage == 0
+
+
+def test_a_failing_decode_batch_is_rerun_one_request_at_a_time():
+    model = swiftkv_model()
+    expected = run(engine_for(model), prompts(3), GREEDY)
+    engine = engine_for(model)
+    sequences = [engine.add_request(p, GREEDY) for p in prompts(3)]
+    forward = engine.runner.forward
+
+    def fails_with_request_2_after_its_third_token(batch):
+        blocks_of_2 = torch.tensor(sequences[2].block_table)
+        if len(sequences[2].output_token_ids) >= 3 and (batch.write_slots // 4 == blocks_of_2[:, None]).any():
+            raise RuntimeError("planted")
+        return forward(batch)
+
+    engine.runner.forward = fails_with_request_2_after_its_third_token
+    while engine.has_unfinished():
+        engine.step()
+    assert sequences[2].finish_reason == "error" and "planted" in sequences[2].error
+    assert sequences[2].output_token_ids == expected[2].token_ids[:3]
+    assert [s.output_token_ids for s in sequences[:2]] == [o.token_ids for o in expected[:2]]
+
+
+def test_a_sampling_failure_ends_only_its_request():
+    engine = engine_for(swiftkv_model())
+    good = engine.add_request(prompts(1)[0], GREEDY)
+    bad = engine.add_request(prompts(1)[0], SamplingParams(max_tokens=10, temperature=1.0, seed=1))
+    bad.generator = "not a generator"  # torch.multinomial raises on it
+    while engine.has_unfinished():
+        engine.step()
+    assert bad.finish_reason == "error" and good.finish_reason == "length" and len(good.output_token_ids) == 10
+
+
+def test_logprobs_are_the_model_distribution_of_each_sampled_token():
+    model = swiftkv_model()
+    output = run(engine_for(model), prompts(1), SamplingParams(max_tokens=4, logprobs=3, ignore_eos=True))[0]
+    sequence_logits = model(torch.tensor([prompts(1)[0] + output.token_ids])).logits[0].float()
+    for step, (token, entry) in enumerate(zip(output.token_ids, output.logprobs)):
+        logprobs = torch.log_softmax(sequence_logits[len(prompts(1)[0]) - 1 + step], -1)
+        assert entry.logprob == pytest.approx(logprobs[token].item(), abs=1e-4)
+        assert [t for t, _ in entry.top] == logprobs.topk(3).indices.tolist()
 
 
 def test_prompt_longer_than_the_context_is_rejected():

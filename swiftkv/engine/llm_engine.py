@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 
 from swiftkv.engine.block_manager import BlockManager
 from swiftkv.engine.model_runner import Batch, ModelRunner
-from swiftkv.engine.sampler import sample
+from swiftkv.engine.sampler import sample, token_logprobs
 from swiftkv.engine.sampling_params import SamplingParams
 from swiftkv.engine.scheduler import Scheduler, SchedulerConfig
 from swiftkv.engine.sequence import Sequence
 
 Prompt = Union[str, list[int]]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +52,8 @@ class RequestOutput:
     ttft_s: float
     latency_s: float
     num_preemptions: int
+    logprobs: list = field(default_factory=list)  # `TokenLogprobs` per token, when SamplingParams.logprobs is set
+    error: Optional[str] = None                   # why the request failed (finish_reason "error")
 
 
 class LLMEngine:
@@ -61,6 +65,7 @@ class LLMEngine:
         scheduling = SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens, config.reserve_output_tokens)
         self.scheduler = Scheduler(scheduling, self.blocks)
         self.max_model_length = getattr(model.config, "max_position_embeddings", 2**31)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_token_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.config, "eos_token_id", None)))
         self.eos_token_ids.discard(None)
 
@@ -75,9 +80,7 @@ class LLMEngine:
         return self.blocks.capacity_tokens
 
     def add_request(self, prompt: Prompt, params: SamplingParams, request_id: Optional[str] = None) -> Sequence:
-        token_ids = self.tokenizer(prompt, add_special_tokens=False).input_ids if isinstance(prompt, str) else list(prompt)
-        if not token_ids:
-            raise ValueError("the prompt is empty")
+        token_ids = self.tokenize(prompt) if isinstance(prompt, str) else self.check_token_ids(prompt)
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_length:
             raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
@@ -88,6 +91,20 @@ class LLMEngine:
         sequence = Sequence(token_ids, params, **({"request_id": request_id} if request_id else {}))
         self.scheduler.add(sequence)
         return sequence
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.check_token_ids(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def check_token_ids(self, token_ids) -> list[int]:
+        """A prompt of token ids, each an int within the model's vocabulary (its embedding rows)."""
+        token_ids = list(token_ids)
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        for token in token_ids:
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < self.vocab_size:
+                raise ValueError(f"prompt token id {token!r} is not in the model's vocabulary "
+                                 f"[0, {self.vocab_size})")
+        return token_ids
 
     def abort(self, sequence: Sequence) -> None:
         """Stop a request (e.g. its client disconnected) and free its KV blocks."""
@@ -127,29 +144,52 @@ class LLMEngine:
         )
 
     def step(self) -> list[TokenEvent]:
-        """One scheduling round; returns the tokens it produced."""
+        """One scheduling round; returns the tokens it produced and the requests that ended.
+
+        A request whose forward or sampling raises ends alone with finish_reason "error" (its `error` says
+        why); the others in its batch run again without it, so no single request can stop the engine.
+        """
         scheduled = self.scheduler.schedule()
-        sampled: list[tuple[Sequence, torch.Tensor]] = []
+        logits, failed = [], []
         if scheduled.decode:
-            logits = self.runner.forward(self._decode_batch(scheduled.decode))
-            sampled += list(zip(scheduled.decode, logits))
+            done, failed = _each_alone_on_failure(
+                scheduled.decode, lambda sequences: self.runner.forward(self._decode_batch(sequences)))
+            logits += done
         if scheduled.prefill is not None:
-            start, end = scheduled.prefill_range
-            logits = self.runner.forward(self._prefill_batch(scheduled.prefill, start, end))
-            self.scheduler.prefill_done(scheduled.prefill, end)
-            if logits is not None:
-                sampled.append((scheduled.prefill, logits[0]))
-        if not sampled:
+            sequence, (start, end) = scheduled.prefill, scheduled.prefill_range
+            done, prefill_failed = _each_alone_on_failure(
+                [sequence], lambda _: [self.runner.forward(self._prefill_batch(sequence, start, end))])
+            failed += prefill_failed
+            if done:
+                self.scheduler.prefill_done(sequence, end)
+                if done[0][1] is not None:
+                    logits.append((sequence, done[0][1][0]))
+        if not logits and not failed:
             if self.scheduler.has_unfinished() and scheduled.prefill is None and not scheduled.decode:
                 raise RuntimeError("scheduler made no progress: the KV cache is too small for any waiting request")
             return []
-        sequences = [s for s, _ in sampled]
-        tokens = sample(torch.stack([l for _, l in sampled]), sequences)
+        sampled, sampling_failed = _each_alone_on_failure(
+            logits, lambda rows: sample(torch.stack([row for _, row in rows]), [s for s, _ in rows]))
         now = time.perf_counter()
-        return [self._append(sequence, token, now) for sequence, token in zip(sequences, tokens)]
+        events = [self._fail(sequence, error) for sequence, error in failed]
+        events += [self._fail(sequence, error) for (sequence, _), error in sampling_failed]
+        for (sequence, row), token in sampled:
+            try:
+                events.append(self._append(sequence, token, row, now))
+            except Exception as error:
+                events.append(self._fail(sequence, error))
+        return events
 
-    def _append(self, sequence: Sequence, token: int, now: float) -> TokenEvent:
+    def _fail(self, sequence: Sequence, error: Exception) -> TokenEvent:
+        logger.error("request %s failed", sequence.request_id, exc_info=error)
+        sequence.error = f"{type(error).__name__}: {error}"
+        self.scheduler.finish(sequence, "error")
+        return TokenEvent(sequence, -1, "", True)
+
+    def _append(self, sequence: Sequence, token: int, logits: torch.Tensor, now: float) -> TokenEvent:
         params = sequence.params
+        if params.logprobs is not None:
+            sequence.logprobs.append(token_logprobs(logits, token, params.logprobs))
         sequence.token_ids.append(token)
         sequence.first_token_time = sequence.first_token_time or now
         sequence.token_times.append(now)
@@ -169,6 +209,21 @@ class LLMEngine:
         return TokenEvent(sequence, token, delta, reason is not None)
 
 
+def _each_alone_on_failure(items: list, compute: Callable[[list], Iterable]) -> tuple[list, list]:
+    """`compute(items)` gives one result per item; returns ([(item, result)], [(item, error)]). When the
+    batch raises, each item runs alone, so only the items that fail on their own are reported failed."""
+    try:
+        return list(zip(items, compute(items), strict=True)), []
+    except Exception as error:
+        if len(items) == 1:
+            return [], [(items[0], error)]
+    done, failed = [], []
+    for item in items:
+        item_done, item_failed = _each_alone_on_failure([item], compute)
+        done, failed = done + item_done, failed + item_failed
+    return done, failed
+
+
 def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
@@ -178,7 +233,7 @@ def request_output(sequence: Sequence) -> RequestOutput:
                          sequence.output_token_ids, sequence.text, sequence.finish_reason or "",
                          (sequence.first_token_time or 0) - sequence.arrival_time,
                          (sequence.token_times[-1] if sequence.token_times else 0) - sequence.arrival_time,
-                         sequence.num_preemptions)
+                         sequence.num_preemptions, sequence.logprobs, sequence.error)
 
 
 class LLM:

@@ -1,6 +1,9 @@
-"""Next-token choice per sequence: greedy, or temperature with top-k / top-p, optionally seeded."""
+"""Next-token choice per sequence: greedy, or temperature with top-k / top-p, optionally seeded; and the
+log-probabilities a request asked for."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -8,6 +11,15 @@ from swiftkv.engine.sequence import Sequence
 
 
 NUCLEUS_CANDIDATES = 256  # top-p looks here first instead of sorting the whole vocabulary (benchmarks/corpus.py)
+
+
+@dataclass
+class TokenLogprobs:
+    """The sampled token's log-probability under the model (before temperature, top-k and top-p, as vLLM
+    reports it) and the `k` most likely tokens with theirs."""
+
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -40,3 +52,10 @@ def sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
         choice = int(torch.multinomial(scores.softmax(-1), 1, generator=sequence.generator))
         tokens.append(int(candidates[choice]) if candidates is not None else choice)
     return tokens
+
+
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprobs:
+    """logits `[vocab]` of one row -> `token`'s log-probability and the top `k`."""
+    logprobs = torch.log_softmax(logits.float(), -1)
+    values, ids = logprobs.topk(k) if k else (logprobs[:0], logprobs[:0].long())
+    return TokenLogprobs(float(logprobs[token]), list(zip(ids.tolist(), values.tolist())))

@@ -37,6 +37,8 @@ class Sequence:
     token_times: list[float] = field(default_factory=list)
     generator: Optional[torch.Generator] = None
     num_preemptions: int = 0
+    logprobs: list = field(default_factory=list)  # one `TokenLogprobs` per output token, when params ask
+    error: Optional[str] = None            # why the engine ended this request (finish_reason "error")
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = self.num_prompt_tokens or len(self.token_ids)
