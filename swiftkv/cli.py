@@ -9,6 +9,7 @@ import sys
 from swiftkv.distill.config import DistillConfig
 from swiftkv.eval import DEFAULT_TASKS, SAME_CHECKPOINT
 from swiftkv.loading import DEFAULT_MODEL
+from swiftkv.serve.config import API_KEY_ENVIRONMENT, ServerConfig
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -74,17 +75,35 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="int8: 8-bit K/V with per-token scales (about 2x the tokens in the same memory)")
 
 
-def _serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
+def _serve(args: argparse.Namespace) -> int:
     from swiftkv.engine import LLMEngine
-    from swiftkv.serve.app import create_app
+    from swiftkv.serve.server import make_server, run_server
 
+    config = ServerConfig(api_key=args.api_key, max_request_bytes=args.max_request_bytes,
+                          max_prompt_chars=args.max_prompt_chars, max_queued_requests=args.max_queued_requests,
+                          request_timeout_s=args.request_timeout, shutdown_timeout_s=args.shutdown_timeout)
     engine = LLMEngine.from_pretrained(args.model, _engine_config(args))
     print(f"KV cache: {engine.capacity_tokens} tokens in {args.kv_cache_memory_gb} GB "
           f"({engine.runner.num_kv_entries} KV entries per token)")
-    uvicorn.run(create_app(engine, args.served_model_name or args.model), host=args.host, port=args.port,
-                log_level="warning")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        print(f"warning: serving on {args.host} without an API key: anyone who reaches it can use it "
+              f"(--api-key or {API_KEY_ENVIRONMENT})", file=sys.stderr)
+    return run_server(make_server(engine, args.served_model_name or args.model, args.host, args.port, config))
+
+
+def _add_server_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = ServerConfig()
+    parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 routes (or set "
+                                          f"{API_KEY_ENVIRONMENT})")
+    parser.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
+                        help="larger request bodies get 413 (default: %(default)s)")
+    parser.add_argument("--max-prompt-chars", type=int,
+                        help="longer prompts get 400 before tokenizing (default: 16 per token of context)")
+    parser.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests,
+                        help="requests waiting to start beyond this get 429 + Retry-After (default: %(default)s)")
+    parser.add_argument("--request-timeout", type=float, help="abort a request after this many seconds (504)")
+    parser.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout_s,
+                        help="seconds in-flight requests get to finish on SIGTERM (default: %(default)s)")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -182,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", help="model id clients send (default: the model argument)")
     _add_engine_flags(serve)
+    _add_server_flags(serve)
     serve.set_defaults(run=_serve)
 
     generate = commands.add_parser("generate", help="generate completions with the engine")
@@ -212,11 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+        return args.run(args) or 0
+    except (ValueError, OSError) as error:  # bad input or an unusable path: one line, no traceback
         print(f"swiftkv {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

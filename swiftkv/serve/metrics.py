@@ -27,18 +27,21 @@ class ServerMetrics:
             lambda: len(engine.scheduler.running))
         Gauge("swiftkv_kv_cache_usage_perc", "Share of KV cache blocks in use", registry=self.registry).set_function(
             lambda: engine.blocks.usage)
+        self.rejected = Counter("swiftkv_request_rejected", "Requests refused before they reached the engine",
+                                ["reason"], registry=self.registry)
         Gauge("swiftkv_kv_cache_capacity_tokens", "Tokens the KV cache holds", registry=self.registry).set(
             engine.capacity_tokens)
 
     def observe(self, event: TokenEvent) -> None:
-        """Called on the engine thread for every produced token."""
+        """Called on the engine thread for every produced token and every ended request."""
         sequence = event.sequence
-        self.generation_tokens.inc()
-        times = sequence.token_times
-        if len(times) == 1:
-            self.ttft.observe(times[0] - sequence.arrival_time)
-            self.prompt_tokens.inc(sequence.num_prompt_tokens)
-        else:
-            self.tpot.observe(times[-1] - times[-2])
+        if event.token_id >= 0:  # aborted and failed requests end with an event that carries no token
+            self.generation_tokens.inc()
+            times = sequence.token_times
+            if len(times) == 1:
+                self.ttft.observe(times[0] - sequence.arrival_time)
+                self.prompt_tokens.inc(sequence.num_prompt_tokens)
+            else:
+                self.tpot.observe(times[-1] - times[-2])
         if event.finished:
             self.requests.labels(sequence.finish_reason).inc()
