@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from swiftkv.checkpoint import CheckpointError, validate_checkpoint
+from swiftkv.checkpoint import CheckpointError, output_folder, validate_checkpoint
 from swiftkv.convert import convert_checkpoint
 from swiftkv.distill import DistillConfig, distill
 from swiftkv.distill.report import loss_label, plot_learning_curve, summarize
@@ -24,7 +24,7 @@ def run_build(model: str, out_dir: str | Path, num_key_value_layers: str | float
 
     `eval_limit=0` skips the side-by-side evaluation of the distilled model against its base.
     """
-    out_dir, config = Path(out_dir), config or DistillConfig()
+    out_dir, config = output_folder(out_dir), config or DistillConfig()
     started = time.perf_counter()
     if eval_limit != 0:
         try:  # find the evaluation data now, not after an hour of distillation

@@ -24,6 +24,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is; the message names the file or weight at fault."""
 
 
+def output_folder(path: str | Path) -> Path:
+    """`path` as a folder to write into: checked before any work, so a mistyped `--out` costs nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file; give a folder (it is created if missing)")
+    return path
+
+
 def is_swiftkv_checkpoint(path: str | Path) -> bool:
     try:
         return str(_read_config_json(Path(path)).get("model_type", "")).endswith("_swiftkv")

@@ -53,13 +53,24 @@ def validate_swiftkv_fields(num_hidden_layers: int, num_key_value_layers: int, k
         )
 
 
+def _whole_number(name: str, value, default: int) -> int:
+    """A config.json count: absent (None) means `default`; 0, 15.5 or "16" are errors, not rounded or defaulted."""
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SwiftKVConfigError(f"{name} must be a whole number, got {value!r}")
+    return value
+
+
 class SwiftKVConfigMixin:
     """Fields and layer arithmetic shared by every `*_swiftkv` config."""
 
     def _init_swiftkv(self, swiftkv: bool, num_key_value_layers: int | None, key_value_group_size: int | None) -> None:
         self.swiftkv = bool(swiftkv)
-        self.num_key_value_layers = int(num_key_value_layers or self.num_hidden_layers)
-        self.key_value_group_size = int(key_value_group_size or 1)
+        self.num_key_value_layers = _whole_number("num_key_value_layers", num_key_value_layers, self.num_hidden_layers)
+        self.key_value_group_size = _whole_number("key_value_group_size", key_value_group_size, 1)
         validate_swiftkv_fields(self.num_hidden_layers, self.num_key_value_layers, self.key_value_group_size)
 
     @property

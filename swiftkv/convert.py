@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from swiftkv.checkpoint import save_checkpoint
+from swiftkv.checkpoint import output_folder, save_checkpoint
 from swiftkv.config import SWIFTKV_CONFIG_CLASSES, SwiftKVConfigError, resolve_num_key_value_layers
 from swiftkv.models import SWIFTKV_MODEL_CLASSES
 
@@ -94,6 +94,7 @@ def convert_checkpoint(model: str, out_dir: str | Path, num_key_value_layers: in
     """Load `model` (alias, directory, GGUF or hub id), convert it, and save it with its tokenizer."""
     from swiftkv.loading import load_model, load_tokenizer
 
+    out_dir = output_folder(out_dir)
     base = load_model(model, dtype=dtype)
     swiftkv_model = convert_to_swiftkv(base, num_key_value_layers, key_value_group_size)
     swiftkv_model.config._name_or_path = str(out_dir)

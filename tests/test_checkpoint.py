@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -63,6 +64,22 @@ def test_config_with_groups_that_do_not_divide_is_rejected():
     with pytest.raises(SwiftKVConfigError, match=r"key_value_group_size.*use num_key_value_layers in \[2, 4\]"):
         LlamaSwiftKVConfig(**TINY | {"num_hidden_layers": 6}, swiftkv=True, num_key_value_layers=3,
                            key_value_group_size=2)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_key_value_layers", 0, "num_key_value_layers=0 must be between 1 and num_hidden_layers=6"),
+    ("num_key_value_layers", 2.5, "num_key_value_layers must be a whole number, got 2.5"),
+    ("num_key_value_layers", "3", "num_key_value_layers must be a whole number, got '3'"),
+    ("key_value_group_size", 0, "key_value_group_size=0 must be >= 1"),
+])
+def test_checkpoint_config_with_a_bad_count_names_it_instead_of_rounding_or_defaulting(checkpoint_dir, field, value,
+                                                                                     message):
+    path, _ = checkpoint_dir
+    config = json.loads((path / "config.json").read_text())
+    config[field] = value
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"config.json: {re.escape(message)}"):
+        load_model(str(path))
 
 
 def test_checkpoint_config_with_bad_groups_names_the_field(checkpoint_dir):

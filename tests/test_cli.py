@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -40,3 +41,24 @@ def test_convert_reports_an_impossible_layout_without_traceback(tiny_base_dir, t
 def test_convert_reports_a_missing_model_path(tmp_path):
     result = run_cli("convert", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_distill_out_pointing_at_a_file_is_one_line_error(tmp_path):
+    from test_distill import cli_checkpoint_and_data
+
+    (tmp_path / "taken").write_text("not a folder")
+    result = run_cli("distill", *cli_checkpoint_and_data(tmp_path), "--out", str(tmp_path / "taken"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"swiftkv distill: error: --out {tmp_path / 'taken'} is a file; give a folder " \
+                                    "(it is created if missing)"
+
+
+def test_distill_resume_with_nothing_to_resume_says_it_starts_fresh(tmp_path):
+    from test_distill import cli_checkpoint_and_data
+
+    result = subprocess.run([sys.executable, "-m", "swiftkv.cli", "distill", *cli_checkpoint_and_data(tmp_path),
+                             "--out", str(tmp_path / "run"), "--resume", "--max-steps", "2",
+                             "--least-squares-blocks", "0"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "SWIFTKV_NO_COMPILE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert f"nothing to resume in {tmp_path / 'run' / 'checkpoints'}: starting from step 0" in result.stdout + result.stderr

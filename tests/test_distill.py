@@ -15,6 +15,7 @@ import torch
 from swiftkv.checkpoint import save_checkpoint
 from swiftkv.convert import convert_to_swiftkv
 from swiftkv.distill import DistillConfig, DistillTrainer
+from swiftkv.distill.checkpointing import CheckpointError
 from swiftkv.distill.corpus import teacher_corpus, teacher_fingerprint
 from swiftkv.distill.least_squares import _AttentionReceived, _Moments, fit_single_input_key_values
 from swiftkv.distill.data import (DataError, encode_record, pack_sequences, read_records, split_records,
@@ -220,6 +221,52 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
         assert torch.equal(tensor, trainable_state(resumed)[name]), name
 
 
+def test_checkpoints_hold_only_safetensors_and_json(tmp_path):
+    DistillTrainer(student(), blocks(), blocks(8, seed=1), quick_config(max_steps=4), tmp_path).train()
+    files = {path.name for path in (tmp_path / "checkpoints" / "step-000004").iterdir()}
+    assert files == {"trainable.safetensors", "optimizer.safetensors", "state.json", "rng-0.safetensors"}
+
+
+class _Planted:
+    """Unpickling this creates a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_resume_refuses_a_checkpoint_with_pickle_files_and_runs_none_of_them(tmp_path):
+    DistillTrainer(student(), blocks(), blocks(8, seed=1), quick_config(max_steps=4), tmp_path).train()
+    marker = tmp_path / "code-ran"
+    import pickle
+
+    (tmp_path / "checkpoints" / "step-000004" / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    trainer = DistillTrainer(student(), blocks(), blocks(8, seed=1), quick_config(max_steps=8), tmp_path)
+    with pytest.raises(CheckpointError, match="holds pickle files \\(custom_checkpoint_0.pkl\\)"):
+        trainer.train(resume=True)
+    assert not marker.exists()
+
+
+def test_resume_says_what_it_resumed_from_or_that_it_starts_fresh(tmp_path, capsys):
+    DistillTrainer(student(), blocks(), blocks(8, seed=1), quick_config(max_steps=4), tmp_path / "a").train(
+        resume=True)
+    assert f"nothing to resume in {tmp_path / 'a' / 'checkpoints'}: starting from step 0" in capsys.readouterr().out
+    DistillTrainer(student(), blocks(), blocks(8, seed=1), quick_config(max_steps=6), tmp_path / "a").train(
+        resume=True)
+    assert f"resumed from {tmp_path / 'a' / 'checkpoints' / 'step-000004'} at step 4" in capsys.readouterr().out
+
+
+def test_a_truncated_checkpoint_is_named_not_loaded(tmp_path):
+    DistillTrainer(student(), blocks(), blocks(8, seed=1), quick_config(max_steps=4), tmp_path).train()
+    optimizer_file = tmp_path / "checkpoints" / "step-000004" / "optimizer.safetensors"
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])
+    trainer = DistillTrainer(student(), blocks(), blocks(8, seed=1), quick_config(max_steps=8), tmp_path)
+    with pytest.raises(CheckpointError, match="step-000004 cannot be read"):
+        trainer.train(resume=True)
+
+
 def cli_checkpoint_and_data(tmp_path) -> list[str]:
     """A tiny SwiftKV checkpoint and a text file on disk, as `swiftkv distill` flags."""
     base_dir = tmp_path / "base"
@@ -313,6 +360,12 @@ def test_more_answers_per_prompt_add_new_rounds_and_reuse_the_cached_ones(tmp_pa
     assert two[:6] == one and [r["prompt"] for r in two[6:]] == [r["prompt"] for r in one]
     assert [r["response"] for r in two[6:]] != [r["response"] for r in one]  # differently seeded answers
     assert len(list(tmp_path.glob("teacher-corpus-*.jsonl"))) == 2
+
+
+def test_text_file_documents_are_split_at_blank_lines_that_hold_spaces(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("first document\nstill first\n  \nsecond\n\t\n\nthird\r\n \r\nfourth\n")
+    assert [r["text"] for r in read_records(path)] == ["first document\nstill first", "second", "third", "fourth"]
 
 
 def test_packing_keeps_every_token_in_order_without_padding():

@@ -59,12 +59,12 @@ def distillation_blocks(sources: list[str], model: str, tokenizer, config: Disti
 def distill(model: str, out_dir: str | Path, data: list[str] | None = None, teacher: Optional[str] = None,
             config: DistillConfig | None = None, resume: bool = False) -> tuple[Path, TrainerState]:
     """Distill the SwiftKV checkpoint `model` and save the result (full checkpoint + tokenizer) to `out_dir`."""
-    from swiftkv.checkpoint import save_checkpoint
+    from swiftkv.checkpoint import output_folder, save_checkpoint
     from swiftkv.loading import load_model, load_tokenizer
     from swiftkv.models.swiftkv import swiftkv_mode
 
     config = config or DistillConfig()
-    out_dir = Path(out_dir)
+    out_dir = output_folder(out_dir)
     student = load_model(model, dtype="float32")
     if not student.config.model_type.endswith("_swiftkv"):
         raise ValueError(f"{model} is not a SwiftKV checkpoint (model_type {student.config.model_type!r}); "

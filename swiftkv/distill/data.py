@@ -6,13 +6,15 @@ Record shapes accepted (JSONL / JSON list / parquet rows / dataset rows):
   {"prompt": ..., "response" | "completion" | "output": ...}   instruction + answer
   {"prompt": ...} or {"instruction": ...}                  prompt only
   {"text": ...}                                            raw text
-A `.txt` file is raw text, one document per blank-line-separated block.
+A `.txt` file is raw text, one document per block between blank lines (lines of only spaces or tabs count
+as blank).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -33,7 +35,7 @@ def read_records(path: str | Path) -> list[dict]:
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        blocks = [block.strip() for block in path.read_text().split("\n\n")]
+        blocks = [block.strip() for block in re.split(r"\n[ \t\r\f\v]*\n", path.read_text())]
         return [{"text": block} for block in blocks if block]
     if suffix == ".jsonl":
         records = []

@@ -2,9 +2,10 @@
 the same weights with `swiftkv=True`; only `norm_swiftkv` and `*_proj_swiftkv` train.
 
 Runs unchanged under `accelerate launch` (DDP, FSDP, DeepSpeed): the teacher+student forward is one
-`nn.Module`, so the wrappers see every trainable parameter used in `forward`. Checkpoints are written
-with `accelerator.save_state` into a temporary folder that is renamed when complete, so a killed run
-resumes from its last whole checkpoint with the same data order, optimizer, schedule and RNG state.
+`nn.Module`, so the wrappers see every trainable parameter used in `forward`. Checkpoints (safetensors +
+JSON, never pickle: `checkpointing.py`) are written into a temporary folder that is renamed when complete,
+so a killed run resumes from its last whole checkpoint with the same data order, optimizer, schedule and
+RNG state.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from swiftkv.distill.checkpointing import check_supported, load_training_state, save_training_state
 from swiftkv.distill.config import DistillConfig
 from swiftkv.distill.frozen_cache import FrozenOutputCache
 from swiftkv.distill.least_squares import fit_single_input_key_values
@@ -180,10 +182,9 @@ class DistillTrainer:
         make_schedule = (get_cosine_schedule_with_warmup if config.lr_schedule == "cosine"
                          else get_linear_schedule_with_warmup)
         self.scheduler = make_schedule(optimizer, math.ceil(config.warmup_ratio * config.max_steps), config.max_steps)
+        check_supported(self.accelerator.distributed_type)
         self.model, self.optimizer = self.accelerator.prepare(distill_model, optimizer)
-        self.accelerator.register_for_checkpointing(self.scheduler)
         self.state = TrainerState()
-        self.accelerator.register_for_checkpointing(self.state)
         self.train_blocks, self.eval_blocks = train_blocks, eval_blocks[: config.max_eval_blocks]
         self.train_cache: Optional[FrozenOutputCache] = None
         self.eval_cache: Optional[FrozenOutputCache] = None
@@ -194,6 +195,9 @@ class DistillTrainer:
     @property
     def student(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model).student
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in self.student.named_parameters() if p.requires_grad}
 
     def micro_batch(self, step: int, accumulation_index: int) -> torch.Tensor:
         """Indices of one micro-batch's blocks: a seeded permutation per epoch, sharded across processes."""
@@ -240,24 +244,29 @@ class DistillTrainer:
         checkpoints = self.out_dir / CHECKPOINTS
         final = checkpoints / f"step-{self.state.step:06d}"
         partial = checkpoints / f"tmp-step-{self.state.step:06d}"
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
-        self.accelerator.save_state(str(partial), safe_serialization=False)
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        save_training_state(partial, self.trainable_parameters(), self.optimizer, self.scheduler,
+                            self.state.state_dict(), accelerator.process_index, accelerator.is_main_process)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
             for old in sorted(checkpoints.glob("step-*"))[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old)
         return final
 
-    def resume(self) -> bool:
+    def resume(self) -> Optional[Path]:
+        """Load the last whole checkpoint of `out_dir`, if there is one; returns it."""
         checkpoint = latest_checkpoint(self.out_dir)
         if checkpoint is None:
-            return False
-        self.accelerator.load_state(str(checkpoint))
-        return True
+            return None
+        self.state.load_state_dict(load_training_state(checkpoint, self.trainable_parameters(), self.optimizer,
+                                                       self.scheduler, self.accelerator.process_index))
+        return checkpoint
 
     def initialize(self) -> None:
         """Held-out scores of the converted model, then the least-squares K/V start and its scores (step 0)."""
@@ -313,12 +322,17 @@ class DistillTrainer:
         self.state.history.append(record)
         if self.accelerator.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "history.json").write_text(json.dumps(self.state.history, indent=1))
+            partial = self.out_dir / "history.json.tmp"  # replaced whole, so a kill never leaves half a file
+            partial.write_text(json.dumps(self.state.history, indent=1))
+            partial.replace(self.out_dir / "history.json")
 
     def train(self, resume: bool = False, on_step: Optional[Callable[[int], None]] = None) -> TrainerState:
         """Run to `max_steps`; `on_step(step)` is called after each optimizer step (tests, callbacks)."""
         config, accelerator, state = self.config, self.accelerator, self.state
-        resumed = resume and self.resume()
+        resumed = self.resume() if resume else None
+        if resume and accelerator.is_local_main_process:
+            tqdm.write(f"resumed from {resumed} at step {state.step}" if resumed else
+                       f"nothing to resume in {self.out_dir / CHECKPOINTS}: starting from step 0")
         if not resumed and state.step == 0:
             self.initialize()
         if state.step < config.max_steps:
