@@ -6,11 +6,16 @@ they are cancelled. If the engine thread dies, the server shuts down the same wa
 
 from __future__ import annotations
 
+import threading
+
 import uvicorn
 
 from swiftkv.engine.llm_engine import LLMEngine
 from swiftkv.serve.app import create_app
 from swiftkv.serve.config import ServerConfig
+from swiftkv.serve.memory import start_heap_trimmer
+
+HEAP_TRIM_INTERVAL_S = 5.0
 
 
 def make_server(engine: LLMEngine, model_name: str, host: str, port: int, config: ServerConfig) -> uvicorn.Server:
@@ -21,9 +26,14 @@ def make_server(engine: LLMEngine, model_name: str, host: str, port: int, config
     return server
 
 
-def run_server(server: uvicorn.Server) -> int:
+def run_server(server: uvicorn.Server, heap_trim_interval_s: float = HEAP_TRIM_INTERVAL_S) -> int:
     """Serve until SIGTERM/SIGINT (exit status 0) or until the engine dies (exit status 1)."""
     runtime = server.config.app.state.runtime
-    if runtime.alive:
-        server.run()
+    stopped = threading.Event()
+    start_heap_trimmer(heap_trim_interval_s, stopped)
+    try:
+        if runtime.alive:
+            server.run()
+    finally:
+        stopped.set()
     return 0 if runtime.failure is None else 1
