@@ -9,6 +9,7 @@ import sys
 from swiftkv.distill.config import DistillConfig
 from swiftkv.eval import DEFAULT_TASKS, SAME_CHECKPOINT
 from swiftkv.loading import DEFAULT_MODEL
+from swiftkv.engine.quantized import WEIGHT_FORMATS
 from swiftkv.serve.config import API_KEY_ENVIRONMENT, ServerConfig
 
 
@@ -62,7 +63,7 @@ def _engine_config(args: argparse.Namespace):
 
     return EngineConfig(dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb, block_size=args.block_size,
                         max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
-                        kv_cache_dtype=args.kv_cache_dtype)
+                        kv_cache_dtype=args.kv_cache_dtype, weights=args.weights)
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +74,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prefill-tokens", type=int, default=1024, help="prompt tokens per prefill chunk")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                         help="int8: 8-bit K/V with per-token scales (about 2x the tokens in the same memory)")
+    parser.add_argument("--weights", default="auto", choices=WEIGHT_FORMATS,
+                        help="int8: weight-only int8 projections and lm_head, for faster decode on CPU "
+                             "(auto: as loaded in --dtype)")
 
 
 def _serve(args: argparse.Namespace) -> int:

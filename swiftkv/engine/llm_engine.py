@@ -11,6 +11,7 @@ import torch
 
 from swiftkv.engine.block_manager import BlockManager
 from swiftkv.engine.model_runner import Batch, ModelRunner
+from swiftkv.engine.quantized import quantize_weights
 from swiftkv.engine.sampler import sample, token_logprobs
 from swiftkv.engine.sampling_params import SamplingParams
 from swiftkv.engine.scheduler import Scheduler, SchedulerConfig
@@ -30,6 +31,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"      # "int8": 8-bit K/V with per-token scales, ~2x the tokens
     reserve_output_tokens: bool = True  # admit a prompt only with KV room for every max_tokens: no preemption
     device: str = "cpu"
+    weights: str = "auto"             # "int8": weight-only int8 projections and lm_head (engine/quantized.py)
 
 
 @dataclass
@@ -58,7 +60,9 @@ class RequestOutput:
 
 class LLMEngine:
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
+        """`config.weights="int8"` quantizes `model` in place."""
         self.tokenizer, self.config = tokenizer, config
+        quantize_weights(model, config.weights)
         self.runner = ModelRunner(model, int(config.kv_cache_memory_gb * 2**30), config.block_size,
                                   config.kv_cache_dtype)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
