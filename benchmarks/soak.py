@@ -80,7 +80,8 @@ def chat_prompts(count: int, seed: int) -> list[str]:
 def start_server(model: str, port: int, args) -> subprocess.Popen:
     command = [sys.executable, "-m", "swiftkv.cli", "serve", model, "--port", str(port), "--served-model-name",
                MODEL_NAME, "--kv-cache-memory-gb", str(args.kv_cache_memory_gb),
-               "--max-queued-requests", str(args.max_queued_requests)]
+               "--max-queued-requests", str(args.max_queued_requests),
+               "--heap-trim-interval", str(args.heap_trim_interval)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -244,6 +245,7 @@ def summarize(soak: Soak, args, shutdown_seconds: float, exit_status: int, clien
         "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs", "model": args.model,
         "duration_s": args.duration, "warmup_s": args.warmup, "clients": clients, "max_tokens": args.max_tokens,
         "kv_cache_memory_gb": args.kv_cache_memory_gb, "kv_capacity_tokens": soak.capacity_tokens,
+        "heap_trim_interval_s": args.heap_trim_interval,
         "max_queued_requests": args.max_queued_requests,
         "requests": {"accepted": len(accepted), "completed": len(completed), "rejected_429": len(rejected)},
         "rejected_429_seconds": {"p50": percentile([r["seconds"] for r in rejected], 50),
@@ -296,6 +298,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--clients", type=int, help="default: twice the requests the KV cache holds")
     parser.add_argument("--max-queued-requests", type=int, help="default: half the requests the KV cache holds")
+    parser.add_argument("--heap-trim-interval", type=float, default=5.0,
+                        help="the server's --heap-trim-interval (0: off, to see RSS without it)")
     parser.add_argument("--hostile-every", type=float, default=10.0, help="seconds between hostile requests")
     parser.add_argument("--out", default="benchmarks/results/soak", help="writes OUT.json and OUT.png")
     args = parser.parse_args()

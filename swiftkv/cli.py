@@ -85,7 +85,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = ServerConfig(api_key=args.api_key, max_request_bytes=args.max_request_bytes,
                           max_prompt_chars=args.max_prompt_chars, max_queued_requests=args.max_queued_requests,
-                          request_timeout_s=args.request_timeout, shutdown_timeout_s=args.shutdown_timeout)
+                          request_timeout_s=args.request_timeout, shutdown_timeout_s=args.shutdown_timeout,
+                          heap_trim_interval_s=args.heap_trim_interval)
     engine = LLMEngine.from_pretrained(args.model, _engine_config(args))
     print(f"KV cache: {engine.capacity_tokens} tokens in {args.kv_cache_memory_gb} GB "
           f"({engine.runner.num_kv_entries} KV entries per token)")
@@ -108,6 +109,9 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, help="abort a request after this many seconds (504)")
     parser.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout_s,
                         help="seconds in-flight requests get to finish on SIGTERM (default: %(default)s)")
+    parser.add_argument("--heap-trim-interval", type=float, default=defaults.heap_trim_interval_s,
+                        help="seconds between returning freed heap memory to the OS; 0 turns it off "
+                             "(default: %(default)s)")
 
 
 def _generate(args: argparse.Namespace) -> None:

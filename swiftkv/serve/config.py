@@ -20,6 +20,7 @@ class ServerConfig:
     max_queued_requests: int = 64             # accepted requests not yet generating; beyond: 429 + Retry-After
     request_timeout_s: Optional[float] = None  # a request still running after this is aborted
     shutdown_timeout_s: float = 5.0           # on SIGTERM, in-flight requests get this long to finish
+    heap_trim_interval_s: float = 5.0         # return freed heap pages to the OS this often (serve/memory.py); 0: off
 
     def __post_init__(self) -> None:
         if self.api_key is None:
@@ -31,8 +32,9 @@ class ServerConfig:
             raise ValueError(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}")
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
-        if not self.shutdown_timeout_s >= 0:
-            raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")
+        for name in ("shutdown_timeout_s", "heap_trim_interval_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def prompt_chars_limit(self, max_prompt_tokens: int) -> int:
         return self.max_prompt_chars or CHARACTERS_PER_TOKEN_BOUND * max_prompt_tokens

@@ -15,8 +15,6 @@ from swiftkv.serve.app import create_app
 from swiftkv.serve.config import ServerConfig
 from swiftkv.serve.memory import start_heap_trimmer
 
-HEAP_TRIM_INTERVAL_S = 5.0
-
 
 def make_server(engine: LLMEngine, model_name: str, host: str, port: int, config: ServerConfig) -> uvicorn.Server:
     app = create_app(engine, model_name, config)
@@ -26,11 +24,12 @@ def make_server(engine: LLMEngine, model_name: str, host: str, port: int, config
     return server
 
 
-def run_server(server: uvicorn.Server, heap_trim_interval_s: float = HEAP_TRIM_INTERVAL_S) -> int:
+def run_server(server: uvicorn.Server) -> int:
     """Serve until SIGTERM/SIGINT (exit status 0) or until the engine dies (exit status 1)."""
-    runtime = server.config.app.state.runtime
+    state = server.config.app.state
+    runtime = state.runtime
     stopped = threading.Event()
-    start_heap_trimmer(heap_trim_interval_s, stopped)
+    start_heap_trimmer(state.config.heap_trim_interval_s, stopped)
     try:
         if runtime.alive:
             server.run()
