@@ -87,7 +87,7 @@ def main() -> None:
         answers = greedy_answers(model, tokenizer, chat_prompts, args.answer_tokens)
         for weights in ("auto", "int8"):
             print(f"== {name}, weights {weights}", flush=True)
-            variant = quantize_weights(copy.deepcopy(model), weights)
+            variant = model if weights == "auto" else quantize_weights(copy.deepcopy(model), weights)
             engine = LLMEngine(variant, tokenizer, EngineConfig(kv_cache_memory_gb=0.25, max_num_seqs=32))
             engine_decode_ms(engine, decode_prompts[:1], 8)  # warm-up
             one = engine_decode_ms(engine, decode_prompts[:1], args.decode_tokens)

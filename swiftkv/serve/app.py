@@ -194,7 +194,7 @@ def create_app(engine: LLMEngine, model_name: str, config: Optional[ServerConfig
         with admission.admit(len(prompts)):
             token_ids = await tokenized(lambda: [engine.tokenize(p) if isinstance(p, str)
                                                  else engine.check_token_ids(p) for p in prompts])
-            sequences, events = await submit(token_ids, params, fit_max_tokens=body.max_tokens is None)
+            sequences, events = await submit(token_ids, params, fit_max_tokens=body.requested_max_tokens() is None)
         return await respond(request, body, sequences, events, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=authorized)
@@ -215,7 +215,7 @@ def create_app(engine: LLMEngine, model_name: str, config: Optional[ServerConfig
 
         with admission.admit(1):
             sequences, events = await submit(await tokenized(apply_template), params,
-                                             fit_max_tokens=body.max_tokens is None)
+                                             fit_max_tokens=body.requested_max_tokens() is None)
         return await respond(request, body, sequences, events, chat=True)
 
     async def submit(prompts: list[list[int]], params: SamplingParams,

@@ -59,9 +59,14 @@ class SamplingFields(BaseModel):
     def requested_logprobs(self) -> Optional[int]:
         return None
 
+    def requested_max_tokens(self) -> Optional[int]:
+        """The client's max_tokens, or None when the server picks it."""
+        return self.max_tokens
+
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
+        max_tokens = self.requested_max_tokens()
+        return SamplingParams(max_tokens=default_max_tokens if max_tokens is None else max_tokens,
                               temperature=1.0 if self.temperature is None else self.temperature,
                               top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
                               seed=self.seed, stop=stop, stop_token_ids=list(self.stop_token_ids or []),
@@ -140,7 +145,5 @@ class ChatCompletionRequest(SamplingFields):
             return None
         return self.top_logprobs or 0
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        if self.max_tokens is None and self.max_completion_tokens is not None:
-            self.max_tokens = self.max_completion_tokens
-        return super().sampling_params(default_max_tokens)
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
