@@ -2,9 +2,9 @@
 
 Runs `--steps` decode steps of one request (a prompt of `--prompt-len` tokens) and reports, per step, the
 self CPU time and call count of the top ops, next to the weight-streaming floor (the bytes of every weight
-matrix at the bandwidth `benchmarks/roofline.py` measured). `--weights int8` profiles the int8 engine.
-`--compile` instead times `torch.compile(dynamic=True)` of the runner's decode forward as it is written
-today: compile time, ms per step, and whether the tokens match eager. Writes JSON and a PNG.
+matrix at the bandwidth `benchmarks/roofline.py` measured). `--weights int8|int4` profiles a quantized
+engine. `--compile` instead times `torch.compile(dynamic=True)` of the runner's decode step as written:
+compile time, ms per step, and whether the tokens match eager. Writes JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
+from swiftkv.engine.quantized import WEIGHT_FORMATS
 from swiftkv.eval.data import data_file
 from swiftkv.loading import DEFAULT_MODEL, load_model, load_tokenizer
 from swiftkv.plotting import png_figure
@@ -51,17 +52,17 @@ def profile_ops(engine: LLMEngine, prompt: list[int], steps: int, top: int) -> t
 
 
 def compile_probe(engine: LLMEngine, prompt: list[int], steps: int) -> dict:
-    """torch.compile of the decode forward, measured against eager on the same engine."""
+    """torch.compile of the decode step (`ModelRunner._decode`, every layer in one graph) against eager on the
+    same engine."""
     reference, eager_seconds = decode_steps(engine, prompt, steps)
     runner = engine.runner
-    eager_forward = runner._forward
-    compiled = torch.compile(eager_forward, dynamic=True)
-    runner._forward = lambda batch: compiled(batch) if batch.input_ids.shape[1] == 1 else eager_forward(batch)
+    eager = runner._decode
+    runner._decode = torch.compile(eager, dynamic=True)
     started = time.perf_counter()
     decode_steps(engine, prompt, 8)
     compile_seconds = time.perf_counter() - started
     tokens, compiled_seconds = decode_steps(engine, prompt, steps)
-    runner._forward = eager_forward
+    runner._decode = eager
     return {"compile_and_first_steps_s": compile_seconds, "eager_ms_per_step": 1000 * eager_seconds,
             "compiled_ms_per_step": 1000 * compiled_seconds, "tokens_equal": tokens == reference}
 
@@ -71,9 +72,9 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--weights", default="auto", choices=["auto", "int8"])
+    parser.add_argument("--weights", default="auto", choices=WEIGHT_FORMATS)
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--compile", action="store_true", help="time torch.compile of the decode forward instead")
+    parser.add_argument("--compile", action="store_true", help="time torch.compile of the decode step instead")
     parser.add_argument("--out", default="benchmarks/results/decode_profile")
     args = parser.parse_args()
 

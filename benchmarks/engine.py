@@ -5,7 +5,10 @@ Systems (same weights, dtype and threads):
   engine-base   this engine on the base model
   swiftkv-g1    this engine on SwiftKV-50% (num_key_value_layers=15 of 30, no AcrossKV)
   swiftkv-g2    this engine on SwiftKV with AcrossKV groups of 2 (num_key_value_layers=16: (30-l) % 2 == 0)
-(for another depth L: l = L/2, rounded up for groups of 2).
+  llamacpp-bf16 llama.cpp on a BF16 GGUF of the same weights, llamacpp-q4_1 on the shipped Q4_1 GGUF
+                (llama-cpp-python, optional: benchmarks/llamacpp.py; skipped with a message without it)
+(for another depth L: l = L/2, rounded up for groups of 2). `--weights int8|int4` quantizes the engine's.
+Every system also runs one request end to end (`--e2e` tokens in / out, greedy): what a user waits.
 Serving replays Poisson arrivals of `--requests` requests (`--input-len` in / `--output-len` out) into the
 engine in-process, under one fixed KV-cache budget; metrics are named as in `vllm bench serve`.
 Speed does not depend on the SwiftKV weights, so an untrained conversion is measured; `--random-weights SHAPE`
@@ -27,10 +30,12 @@ import torch
 from swiftkv.convert import convert_to_swiftkv
 from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
 from swiftkv.engine.llm_engine import request_output
+from swiftkv.engine.quantized import WEIGHT_FORMATS
 from swiftkv.eval.data import data_file
-from swiftkv.loading import DEFAULT_MODEL, load_model, load_tokenizer
+from swiftkv.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model_source
 from swiftkv.plotting import png_figure
 
+import llamacpp
 from prefill import device_name
 from shapes import SHAPES, random_model, swiftkv_layer_counts
 
@@ -83,6 +88,37 @@ def hf_decode_ms(model, prompt: list[int], tokens: int) -> dict:
                    eos_token_id=None, pad_token_id=0).tolist()
     per_token = (time.perf_counter() - start - prefill) / (tokens - 1)
     return {"ms_per_token_per_stream": 1000 * per_token, "output_tokens_per_second": 1 / per_token}
+
+
+def engine_e2e_s(engine: LLMEngine, prompt: list[int], tokens: int) -> float:
+    sequence = engine.add_request(prompt, SamplingParams(max_tokens=tokens, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    return request_output(sequence).latency_s
+
+
+@torch.inference_mode()
+def hf_e2e_s(model, prompt: list[int], tokens: int) -> float:
+    input_ids = torch.tensor([prompt], device=model.device)
+    start = time.perf_counter()
+    model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens, do_sample=False,
+                   eos_token_id=None, pad_token_id=0).tolist()
+    return time.perf_counter() - start
+
+
+def llamacpp_row(system: str, args, text_ids: list[int]) -> dict:
+    source = resolve_model_source(args.model)
+    if not source.gguf_file:
+        raise SystemExit(f"{system} needs a GGUF model (e.g. {DEFAULT_MODEL}), got {args.model!r}")
+    gguf_path = Path(source.name_or_path) / source.gguf_file
+    if system == "llamacpp-bf16":
+        gguf_path = llamacpp.bf16_gguf(gguf_path, Path.home() / ".cache" / "swiftkv" / f"{gguf_path.stem}.bf16.gguf")
+    context = max(max(args.ttft_lengths), sum(args.e2e)) + 64
+    runner = llamacpp.LlamaCpp(gguf_path, context, torch.get_num_threads())
+    return {"gguf": gguf_path.name,
+            "ttft_s": {n: runner.ttft(text_ids[:n], args.repeats) for n in args.ttft_lengths},
+            "decode_1": runner.decode_ms(text_ids[:128], args.decode_tokens),
+            "e2e_s": runner.generate(text_ids[:args.e2e[0]], args.e2e[1])[1][-1]}
 
 
 def summarize(values: list[float]) -> dict:
@@ -161,8 +197,11 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=2000)
     parser.add_argument("--output-len", type=int, default=100)
     parser.add_argument("--request-rate", type=float, default=1.0, help="Poisson arrivals per second")
+    parser.add_argument("--e2e", type=int, nargs=2, default=[2048, 128], metavar=("IN", "OUT"))
     parser.add_argument("--kv-cache-memory-gb", type=float, default=0.25)
-    parser.add_argument("--systems", nargs="+", default=["hf", "engine-base", "swiftkv-g1", "swiftkv-g2"])
+    parser.add_argument("--weights", default="auto", choices=WEIGHT_FORMATS, help="the engine systems' weights")
+    parser.add_argument("--systems", nargs="+", default=["hf", "engine-base", "swiftkv-g1", "swiftkv-g2",
+                                                         "llamacpp-bf16", "llamacpp-q4_1"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--random-weights", choices=sorted(SHAPES), help="time a random-weight model of this shape")
     parser.add_argument("--out", default="benchmarks/results/engine")
@@ -181,18 +220,26 @@ def main() -> None:
     layers = swiftkv_layer_counts(base.config.num_hidden_layers)
     models = {"engine-base": base, "swiftkv-g1": convert_to_swiftkv(base, layers[1], 1),
               "swiftkv-g2": convert_to_swiftkv(base, layers[2], 2)}
-    results = {"settings": vars(args), "device": device_name(args.device), "threads": torch.get_num_threads(),
-               "systems": {}}
+    results = {"settings": vars(args), "date": time.strftime("%Y-%m-%d"), "device": device_name(args.device),
+               "threads": torch.get_num_threads(), "systems": {}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for system in args.systems:
         print(f"== {system}", flush=True)
         row = {}
-        if system == "hf":
+        if system.startswith("llamacpp"):
+            if not llamacpp.available():
+                print(f"skipping {system}: llama-cpp-python is not installed (see benchmarks/llamacpp.py)")
+                continue
+            row = llamacpp_row(system, args, text_ids)
+        elif system == "hf":
             row["ttft_s"] = {n: hf_ttft(base, text_ids[:n], args.repeats) for n in args.ttft_lengths}
             row["decode_1"] = hf_decode_ms(base, text_ids[:128], args.decode_tokens)
+            row["e2e_s"] = hf_e2e_s(base, text_ids[:args.e2e[0]], args.e2e[1])
             row["serving"] = serve_hf(base, serve_prompts, arrivals, args.output_len)
         else:
             config = EngineConfig(dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
-                                  max_prefill_tokens=max(args.ttft_lengths))
+                                  max_prefill_tokens=max(args.ttft_lengths), weights=args.weights)
             engine = LLMEngine(models[system], tokenizer, config)
             row["kv_cache_capacity_tokens"] = engine.capacity_tokens
             engine_ttft(engine, text_ids[:64], 1)  # warm-up
@@ -200,32 +247,35 @@ def main() -> None:
             row["decode_1"] = engine_decode_ms(engine, [text_ids[:128]], args.decode_tokens)
             row[f"decode_{args.decode_batch}"] = engine_decode_ms(
                 engine, [text_ids[i * 500:i * 500 + 128] for i in range(args.decode_batch)], args.decode_tokens)
-            engine = LLMEngine(models[system], tokenizer, EngineConfig(dtype=args.dtype,
+            row["e2e_s"] = engine_e2e_s(engine, text_ids[:args.e2e[0]], args.e2e[1])
+            engine = LLMEngine(models[system], tokenizer, EngineConfig(dtype=args.dtype, weights=args.weights,
                                                                         kv_cache_memory_gb=args.kv_cache_memory_gb))
             row["serving"] = serve_engine(engine, serve_prompts, arrivals, args.output_len)
         print(json.dumps(row, indent=1), flush=True)
         results["systems"][system] = row
-    add_ratios(results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+        add_ratios(results)
+        out.with_suffix(".json").write_text(json.dumps(results, indent=2))  # each system as it finishes
     plot(results, out.with_suffix(".png"))
     print(json.dumps(results["ratios"], indent=1))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
 def add_ratios(results: dict) -> None:
+    """Each system against the engine's base (TTFT, serving) and against llama.cpp BF16 (one request end to
+    end), all from this run."""
     systems = results["systems"]
-    base = systems.get("engine-base")
+    base, llama = systems.get("engine-base"), systems.get("llamacpp-bf16")
     ratios = {}
     for name, row in systems.items():
-        if base is None or name == "engine-base":
-            continue
-        ratios[name] = {
-            "ttft_speedup_vs_engine_base": {n: base["ttft_s"][n] / row["ttft_s"][n] for n in row["ttft_s"]},
-            "serving_throughput_vs_engine_base": row["serving"]["total_token_throughput"]
-            / base["serving"]["total_token_throughput"],
-        }
+        ratio = {}
+        if base is not None and name != "engine-base":
+            ratio["ttft_speedup_vs_engine_base"] = {n: base["ttft_s"][n] / row["ttft_s"][n] for n in row["ttft_s"]}
+            if "serving" in row:
+                ratio["serving_throughput_vs_engine_base"] = (row["serving"]["total_token_throughput"]
+                                                              / base["serving"]["total_token_throughput"])
+        if llama is not None and name != "llamacpp-bf16":
+            ratio["e2e_speedup_vs_llamacpp_bf16"] = llama["e2e_s"] / row["e2e_s"]
+        ratios[name] = ratio
     results["ratios"] = ratios
 
 
@@ -237,7 +287,8 @@ def plot(results: dict, path: Path) -> None:
         for i, (name, row) in enumerate(systems.items()):
             axes[0].bar([j + i * width for j in range(len(lengths))], [row["ttft_s"][n] for n in lengths], width, label=name)
             axes[1].bar(i, row["decode_1"]["ms_per_token_per_stream"], label=name)
-            axes[2].bar(i, row["serving"]["total_token_throughput"], label=name)
+            if "serving" in row:  # llama.cpp runs one request at a time: not a serving system here
+                axes[2].bar(i, row["serving"]["total_token_throughput"], label=name)
         axes[0].set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [str(n) for n in lengths])
         axes[0].set_xlabel("prompt tokens")
         axes[0].set_ylabel("TTFT (s, median)")

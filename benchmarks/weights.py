@@ -1,12 +1,12 @@
-"""Weight-only int8 against the weights as loaded (bf16): decode speed and what it costs in agreement.
+"""Weight-only int8 and int4 against the weights as loaded (bf16): decode speed and what each costs in agreement.
 
 For the base model and SwiftKV-50% (an untrained conversion: speed does not depend on its weights), each in
-bf16 and with `--weights int8`, in one run:
+bf16, with `--weights int8` and with `--weights int4`, in one run:
   decode      engine ms per output token with 1 stream and output tokens/s with `--decode-batch` streams
               (WikiText-2 prompts of `--prompt-len` tokens, `--decode-tokens` tokens each);
   floor       the bytes of weights one decode step streams (projections, lm_head, SingleInputKV), at the
               memory bandwidth `benchmarks/roofline.py` measured;
-  agreement   top-1 agreement of the int8 model with the bf16 model's greedy answers to the vicuna_bench
+  agreement   top-1 agreement of the quantized model with the bf16 model's greedy answers to the vicuna_bench
               prompts (teacher-forced: both read the bf16 answer; `--answer-tokens` per prompt).
 Writes JSON and a PNG.
 """
@@ -23,7 +23,7 @@ import torch
 
 from swiftkv.convert import convert_to_swiftkv
 from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
-from swiftkv.engine.quantized import Int8WeightOnlyLinear, quantize_weights
+from swiftkv.engine.quantized import Int4WeightOnlyLinear, Int8WeightOnlyLinear, fuse_projections, quantize_weights
 from swiftkv.eval.data import data_file
 from swiftkv.loading import DEFAULT_MODEL, load_model, load_tokenizer
 from swiftkv.plotting import png_figure
@@ -37,6 +37,8 @@ def streamed_weight_bytes(model) -> int:
     for module in model.modules():
         if isinstance(module, Int8WeightOnlyLinear):
             total += module.weight_int8.numel() + module.scales.numel() * module.scales.element_size()
+        elif isinstance(module, Int4WeightOnlyLinear):  # the packed matrix; its nibble copy serves prefill only
+            total += module.weight_int4pack.numel() + module.scales_and_zeros.nbytes
         elif isinstance(module, torch.nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
     return total
@@ -68,6 +70,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--decode-batch", type=int, default=16)
     parser.add_argument("--answer-tokens", type=int, default=64)
+    parser.add_argument("--weights", nargs="+", default=["auto", "int8", "int4"])
     parser.add_argument("--out", default="benchmarks/results/weights")
     args = parser.parse_args()
 
@@ -85,9 +88,10 @@ def main() -> None:
                "settings": vars(args), "memory_gb_per_s": bandwidth / 1e9, "systems": {}}
     for name, model in models.items():
         answers = greedy_answers(model, tokenizer, chat_prompts, args.answer_tokens)
-        for weights in ("auto", "int8"):
+        for weights in args.weights:
             print(f"== {name}, weights {weights}", flush=True)
-            variant = model if weights == "auto" else quantize_weights(copy.deepcopy(model), weights)
+            variant = fuse_projections(model if weights == "auto" else copy.deepcopy(model))
+            quantize_weights(variant, weights)
             engine = LLMEngine(variant, tokenizer, EngineConfig(kv_cache_memory_gb=0.25, max_num_seqs=32))
             engine_decode_ms(engine, decode_prompts[:1], 8)  # warm-up
             one = engine_decode_ms(engine, decode_prompts[:1], args.decode_tokens)
@@ -120,7 +124,8 @@ def plot(results: dict, path: Path, streams: int) -> None:
         for index, row in enumerate(rows):
             throughput.annotate(f"agree {row['top1_agreement_with_bf16']:.3f}", (index, 0), ha="center",
                                 va="bottom", fontsize=8, color="white")
-        fig.suptitle("Weight-only int8 vs bf16 (SmolLM2-135M, 2-core CPU; agreement: top-1 with the bf16 answers)")
+        fig.suptitle("Weight-only int8 / int4 vs bf16 (SmolLM2-135M, 2-core CPU; agreement: top-1 with the bf16 "
+                     "answers)")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,13 @@ def _distill_config(args: argparse.Namespace) -> DistillConfig:
     return DistillConfig.from_file(args.config, **overrides) if args.config else DistillConfig(**overrides)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from swiftkv.export import export_for_vllm
+
+    out = export_for_vllm(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    print(f"wrote a vLLM + ArcticInference checkpoint to {out}: vllm serve {out}")
+
+
 def _distill(args: argparse.Namespace) -> None:
     from swiftkv.distill import distill
 
@@ -75,8 +82,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                         help="int8: 8-bit K/V with per-token scales (about 2x the tokens in the same memory)")
     parser.add_argument("--weights", default="auto", choices=WEIGHT_FORMATS,
-                        help="int8: weight-only int8 projections and lm_head, for faster decode on CPU "
-                             "(auto: as loaded in --dtype)")
+                        help="int8 / int4: weight-only quantized projections and lm_head, for faster decode "
+                             "on CPU (auto: as loaded in --dtype)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -179,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-size", default="2GB")
     convert.add_argument("--out", required=True, help="output directory")
     convert.set_defaults(run=_convert)
+
+    export = commands.add_parser("export", help="write a SwiftKV checkpoint for another engine (vLLM + ArcticInference)")
+    export.add_argument("checkpoint", help="SwiftKV checkpoint folder (from `swiftkv convert` or `distill`)")
+    export.add_argument("out", help="output folder")
+    export.add_argument("--for", dest="target", choices=["vllm"], default="vllm",
+                        help="target engine: vllm (with Snowflake's ArcticInference plugin)")
+    export.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    export.add_argument("--max-shard-size", default="5GB")
+    export.set_defaults(run=_export)
 
     distill = commands.add_parser("distill", help="distill a SwiftKV checkpoint from its base model")
     distill.add_argument("--model", required=True, help="SwiftKV checkpoint (from `swiftkv convert`)")

@@ -44,11 +44,14 @@ def test_engine_on_cuda_is_greedy_token_for_token_equal_to_transformers_on_cuda(
         assert output.token_ids == hf_greedy(model, prompt, 10)
 
 
-def test_seeded_sampling_on_cuda_is_reproducible():
+def test_seeded_sampling_on_cuda_is_reproducible_and_really_samples():
     engine = engine_for(swiftkv_model().to(CUDA))
-    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=20, seed=7, ignore_eos=True)
+    params = SamplingParams(max_tokens=12, temperature=1.5, top_p=0.9, top_k=40, seed=7, ignore_eos=True)
     first, second = (run(engine, prompts()[:1], params)[0].token_ids for _ in range(2))
     assert first == second
+    other_seed = SamplingParams(max_tokens=12, temperature=1.5, top_p=0.9, top_k=40, seed=8, ignore_eos=True)
+    assert run(engine, prompts()[:1], other_seed)[0].token_ids != first
+    assert run(engine, prompts()[:1], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids != first
 
 
 def test_least_squares_start_on_cuda_equals_the_cpu_fit():

@@ -180,10 +180,18 @@ def test_teacher_outputs_over_the_memory_budget_are_recomputed_at_every_step(tmp
     assert history[-1]["step"] == 4
 
 
-def test_hidden_state_loss_is_reported_when_enabled(tmp_path):
-    config = quick_config(max_steps=2, hidden_loss_weight=1.0, hidden_loss_layer=-2)
-    state = DistillTrainer(student(), blocks(), blocks(8, seed=1), config, tmp_path).train()
-    assert state.history[-1]["hidden_mse"] > 0
+def test_hidden_state_loss_is_trained_on_with_its_weight(tmp_path):
+    with_mse, without_mse = student(), student()
+    config = quick_config(max_steps=2, hidden_loss_weight=3.0, hidden_loss_layer=-2)
+    state = DistillTrainer(with_mse, blocks(), blocks(8, seed=1), config, tmp_path / "a").train()
+    steps = [record for record in state.history if "loss" in record]
+    assert len(steps) == 2
+    for record in steps:
+        assert record["hidden_mse"] > 0
+        assert record["loss"] == pytest.approx(record["kl_loss"] + 3.0 * record["hidden_mse"], rel=1e-5)
+    DistillTrainer(without_mse, blocks(), blocks(8, seed=1), quick_config(max_steps=2), tmp_path / "b").train()
+    trained, reference = trainable_state(with_mse), trainable_state(without_mse)
+    assert any(not torch.equal(trained[name], reference[name]) for name in trained)  # its gradient moved them
 
 
 def test_hidden_state_loss_weighs_an_outlier_channel_like_any_other():

@@ -7,8 +7,10 @@ import torch
 
 from swiftkv.convert import convert_to_swiftkv
 from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
+from swiftkv.engine.block_manager import BlockManager
 from swiftkv.engine.llm_engine import request_output
 from swiftkv.engine.sampler import nucleus
+from swiftkv.engine.sequence import Sequence
 
 from conftest import make_base_model, make_tiny_tokenizer, perturb_swiftkv_weights
 
@@ -77,6 +79,36 @@ def test_batched_results_equal_single_request_results():
         assert run(engine_for(model), [prompt], GREEDY)[0].token_ids == output.token_ids
 
 
+def test_a_lone_request_reads_its_cache_in_place_and_gets_the_tokens_of_the_gathered_path():
+    model = swiftkv_model()
+    engine = engine_for(model)
+    in_place_calls = []
+    attend_in_place = engine.runner._attend_in_place
+    engine.runner._attend_in_place = lambda *args: in_place_calls.append(args) or attend_in_place(*args)
+    in_place = run(engine, prompts(1), GREEDY)[0].token_ids
+    assert len(in_place_calls) >= 9 * model.config.num_hidden_layers  # every decode step, every layer
+
+    gathered_engine = engine_for(model)
+    gathered_engine.blocks.contiguous_start = lambda *args: None  # as if its blocks were scattered
+    assert run(gathered_engine, prompts(1), GREEDY)[0].token_ids == in_place
+
+
+def test_a_growing_sequence_takes_the_block_after_its_last_so_its_slots_stay_contiguous():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    first, second = Sequence(list(range(8)), GREEDY), Sequence(list(range(4)), GREEDY)
+    blocks.reserve(first, 8)   # blocks 0, 1
+    blocks.reserve(second, 4)  # block 2
+    blocks.reserve(first, 12)  # 2 is taken: the oldest free block, 3
+    assert first.block_table == [0, 1, 3] and blocks.contiguous_start(first, 12) is None
+    assert blocks.contiguous_start(first, 8) == 0
+    blocks.free(second)        # free list: 4, 5, 6, 7, 2
+    blocks.reserve(first, 16)  # 4 follows 3
+    third = Sequence(list(range(4)), GREEDY)
+    blocks.reserve(third, 8)   # 5, then 6 (after 5)
+    assert first.block_table == [0, 1, 3, 4] and third.block_table == [5, 6]
+    assert blocks.contiguous_start(third, 8) == 20
+
+
 def test_chunked_prefill_gives_the_same_tokens():
     model = swiftkv_model()
     whole = run(engine_for(model), prompts(), GREEDY)
@@ -119,6 +151,11 @@ def test_seeded_sampling_is_reproducible_and_differs_from_greedy():
     first = run(engine_for(model), prompts(1), params)[0].token_ids
     assert first == run(engine_for(model), prompts(1), params)[0].token_ids
     assert first != run(engine_for(model), prompts(1), SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+
+
+def test_a_top_p_below_float32_range_keeps_the_most_likely_token():
+    scores = torch.tensor([0.5, 2.0, 1.0])
+    assert nucleus(scores, 1e-320).tolist() == [1]  # 1e-320 is 0 in float32: "< top_p" alone keeps none
 
 
 @pytest.mark.parametrize("spread", [0.3, 3.0, 30.0])  # flat logits: the nucleus holds more than the candidates

@@ -2,6 +2,9 @@
 
 One block holds `block_size` tokens for *every* KV cache entry of the model, so a SwiftKV model with
 AcrossKV (fewer entries) fits more blocks, hence more tokens, in the same memory budget.
+
+A sequence that grows takes the block after its last one when that block is free, so a sequence's slots
+are usually one contiguous range and decode attention can read them in place (`contiguous_start`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ class BlockManager:
             raise ValueError("the KV cache budget holds no block: raise kv_cache_memory or lower block_size")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.free_blocks: deque[int] = deque(range(num_blocks))
+        self._free: set[int] = set(self.free_blocks)
 
     @property
     def capacity_tokens(self) -> int:
@@ -39,10 +43,22 @@ class BlockManager:
         needed = self.blocks_needed(sequence, num_tokens)
         if needed > len(self.free_blocks):
             raise MemoryError("not enough free KV blocks")
-        sequence.block_table.extend(self.free_blocks.popleft() for _ in range(needed))
+        for _ in range(needed):
+            sequence.block_table.append(self._take(sequence.block_table[-1] + 1 if sequence.block_table else None))
+
+    def _take(self, preferred) -> int:
+        """`preferred` when it is free, else the block freed longest ago."""
+        if preferred in self._free:
+            self.free_blocks.remove(preferred)
+            block = preferred
+        else:
+            block = self.free_blocks.popleft()
+        self._free.discard(block)
+        return block
 
     def free(self, sequence: Sequence) -> None:
         self.free_blocks.extend(sequence.block_table)
+        self._free.update(sequence.block_table)
         sequence.block_table = []
         sequence.num_cached_tokens = 0
 
@@ -52,3 +68,10 @@ class BlockManager:
         blocks = torch.tensor(sequence.block_table[first:last], dtype=torch.long)
         slots = (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
         return slots[start - first * self.block_size:end - first * self.block_size]
+
+    def contiguous_start(self, sequence: Sequence, num_tokens: int) -> "int | None":
+        """First slot of the sequence's first `num_tokens` tokens when those slots are one contiguous range."""
+        table = sequence.block_table[:-(-num_tokens // self.block_size)]
+        if any(following != block + 1 for block, following in zip(table, table[1:])):
+            return None
+        return table[0] * self.block_size

@@ -10,8 +10,9 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 import torch
 
 from swiftkv.engine.block_manager import BlockManager
+from swiftkv.engine.detokenizer import next_text
 from swiftkv.engine.model_runner import Batch, ModelRunner
-from swiftkv.engine.quantized import quantize_weights
+from swiftkv.engine.quantized import fuse_projections, quantize_weights
 from swiftkv.engine.sampler import sample, token_logprobs
 from swiftkv.engine.sampling_params import SamplingParams
 from swiftkv.engine.scheduler import Scheduler, SchedulerConfig
@@ -60,9 +61,10 @@ class RequestOutput:
 
 class LLMEngine:
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
-        """`config.weights="int8"` quantizes `model` in place."""
+        """The engine owns `model`: it fuses its projections and, with `config.weights` int8/int4, quantizes
+        them, in place (the model still runs in transformers, computing what the engine computes)."""
         self.tokenizer, self.config = tokenizer, config
-        quantize_weights(model, config.weights)
+        quantize_weights(fuse_projections(model), config.weights)
         self.runner = ModelRunner(model, int(config.kv_cache_memory_gb * 2**30), config.block_size,
                                   config.kv_cache_dtype)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
@@ -145,6 +147,7 @@ class LLMEngine:
             read_slots=read.to(self.runner.device),
             attention_mask=None if len(sequences) == 1 else
             (torch.arange(width, device=self.runner.device)[None, :] < self._tensor(lengths)[:, None])[:, None, None],
+            contiguous_start=self.blocks.contiguous_start(sequences[0], lengths[0]) if len(sequences) == 1 else None,
         )
 
     def step(self) -> list[TokenEvent]:
@@ -197,16 +200,18 @@ class LLMEngine:
         sequence.token_ids.append(token)
         sequence.first_token_time = sequence.first_token_time or now
         sequence.token_times.append(now)
-        text = self.tokenizer.decode(sequence.output_token_ids, skip_special_tokens=True)
+        text = sequence.text + next_text(self.tokenizer, sequence.output_token_ids, sequence.detokenizer)
         reason = None
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             reason = "stop"
-        stop_at = min((text.find(s) for s in params.stop if s in text), default=-1)
-        if stop_at >= 0:
-            text, reason = text[:stop_at], "stop"
+        if params.stop and len(text) > len(sequence.text):
+            searched = max(0, len(sequence.text) - max(map(len, params.stop)) + 1)  # where a new match can start
+            found = [at for at in (text.find(stop, searched) for stop in params.stop) if at >= 0]
+            if found:
+                text, reason = text[:min(found)], "stop"
         if reason is None and len(sequence.output_token_ids) >= params.max_tokens:
             reason = "length"
-        delta = text[len(sequence.text):] if text.startswith(sequence.text) else ""
+        delta = text[len(sequence.text):]  # empty when a stop string began in text already streamed
         sequence.text = text
         if reason is not None:
             self.scheduler.finish(sequence, reason)

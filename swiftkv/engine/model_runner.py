@@ -12,7 +12,11 @@ Prefill of a prompt chunk `[start, end)`:
   * layers `< l` run on every chunk token and write their K/V;
   * SwiftKV: `norm_swiftkv` of layer `l-1`'s output gives every group's K/V for the chunk (SingleInputKV);
   * layers `>= l` run only for the prompt's last token, and only in the chunk that holds it.
-Decode runs every layer for one new token per sequence, as a batch; its attention is two small matmuls.
+Decode runs every layer for one new token per sequence, as a batch, through its own lean path: the
+projections that read the same input are one matrix each (q|k|v, gate|up; `fuse_projections`), RoPE
+rotates q and k together, RMSNorm is PyTorch's fused kernel, and attention is two small matmuls over the
+gathered context. On a CPU a decode step is a few hundred small calls around weight-streaming GEMVs, so
+every call saved is time saved (docs/engine-decode.md).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from swiftkv.engine.quantized import fuse_projections
 from swiftkv.models.swiftkv import apply_rotary_to_states
 
 
@@ -54,6 +59,7 @@ class Batch:
     read_slots: torch.Tensor
     attention_mask: Optional[torch.Tensor]
     wants_logits: bool = True      # False for a prefill chunk that does not end the prompt
+    contiguous_start: Optional[int] = None  # one decode row whose read_slots are `start, start + 1, ...`
 
 
 class ModelRunner:
@@ -61,7 +67,7 @@ class ModelRunner:
     about half the bytes of bf16: the other half of the paper's KV-memory reduction."""
 
     def __init__(self, model, kv_cache_bytes: int, block_size: int, kv_cache_dtype: str = "auto"):
-        self.model = model.eval()
+        self.model = fuse_projections(model).eval()
         self.decoder = model.model
         config = self.config = model.config
         self.device = next(model.parameters()).device
@@ -107,6 +113,8 @@ class ModelRunner:
 
     def _attend(self, query: torch.Tensor, entry: int, batch: Batch, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """query `[b, n, heads, d]` over the cache slots of each row -> `[b, n, heads * d]`."""
+        if batch.contiguous_start is not None and not self.quantized:
+            return self._attend_in_place(query, entry, batch.contiguous_start, batch.read_slots.shape[1])
         keys = self._read(self.k_cache, "k_scale", entry, batch.read_slots)  # [kv_heads, b, T, d]
         values = self._read(self.v_cache, "v_scale", entry, batch.read_slots)
         if query.shape[1] == 1:
@@ -118,11 +126,22 @@ class ModelRunner:
                                                 is_causal=causal, scale=self.scaling, enable_gqa=True)
         return output.transpose(1, 2).reshape(*query.shape[:2], -1)
 
+    def _attend_in_place(self, query: torch.Tensor, entry: int, start: int, length: int) -> torch.Tensor:
+        """One decode row whose context is the contiguous slots `[start, start + length)`: the fused SDPA
+        kernel reads K/V straight from the cache (no gather), with the KV heads as its batch."""
+        heads, head_dim = query.shape[2], self.head_dim
+        grouped = query.reshape(self.num_kv_heads, 1, heads // self.num_kv_heads, head_dim)
+        keys = self.k_cache[entry, :, start:start + length].unsqueeze(1)  # [kv_heads, 1, T, d], a view
+        values = self.v_cache[entry, :, start:start + length].unsqueeze(1)
+        output = F.scaled_dot_product_attention(grouped, keys, values, scale=self.scaling)
+        return output.reshape(1, 1, heads * head_dim)
+
     def _attend_one_query(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                           mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Decode attention as two small matmuls over the query heads that share a KV head: on CPU ~9x faster
-        than the fused SDPA kernel for one query over 2k keys (that kernel tiles for many queries).
-        keys/values: `[kv_heads, b, T, d]`, so both matmuls run over contiguous (head, row) batches."""
+        """Decode attention as two small matmuls over the query heads that share a KV head, for a batch of
+        rows (padded, masked) or a row whose slots are scattered. keys/values: `[kv_heads, b, T, d]`, so both
+        matmuls run over contiguous (head, row) batches (`benchmarks/decode_attention.py` compares the
+        kernels)."""
         rows, _, heads, head_dim = query.shape
         grouped = query.reshape(rows, self.num_kv_heads, heads // self.num_kv_heads, head_dim).transpose(0, 1)
         scores = torch.matmul(grouped, keys.transpose(-1, -2)) * self.scaling  # [kv_heads, b, group, T]
@@ -156,15 +175,22 @@ class ModelRunner:
         layer = self.decoder.layers[index]
         attention = layer.self_attn
         normed = layer.input_layernorm(hidden)
-        q_proj = attention.q_proj if write_slots is not None else attention.q_proj_swiftkv
-        query = apply_rotary_to_states(self._project(q_proj, normed, self.num_heads).transpose(1, 2), *rope)
-        if write_slots is not None:
-            keys = apply_rotary_to_states(self._project(attention.k_proj, normed, self.num_kv_heads).transpose(1, 2), *rope)
-            values = self._project(attention.v_proj, normed, self.num_kv_heads)
+        if write_slots is None:
+            query = self._project(attention.q_proj_swiftkv, normed, self.num_heads)
+        else:
+            projected = self._project(attention.qkv_proj, normed, self.num_heads + 2 * self.num_kv_heads)
+            query, keys, values = projected.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+            keys = apply_rotary_to_states(keys.transpose(1, 2), *rope)
             entry = self.kv_entry[index]
             self._write(slice(entry, entry + 1), write_slots, keys.transpose(1, 2).unsqueeze(2), values.unsqueeze(2))
+        query = apply_rotary_to_states(query.transpose(1, 2), *rope)
         hidden = hidden + attention.o_proj(self._attend(query.transpose(1, 2), self.kv_entry[index], batch, mask))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden + self._mlp(layer, layer.post_attention_layernorm(hidden))
+
+    @staticmethod
+    def _mlp(layer, normed: torch.Tensor) -> torch.Tensor:
+        gate, up = layer.mlp.gate_up_proj(normed).chunk(2, dim=-1)
+        return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
     def _write_single_input_kv(self, hidden: torch.Tensor, rope: tuple, write_slots: torch.Tensor) -> None:
         """SingleInputKV + AcrossKV: K/V of every group from `norm_swiftkv(hidden)` (layer l-1's output), as one
@@ -179,6 +205,44 @@ class ModelRunner:
         self._write(slice(first, first + groups), write_slots,
                     keys.view(rows, tokens, groups, self.num_kv_heads, self.head_dim), projected[:, :, :, 1])
 
+    @staticmethod
+    def _norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's RMSNorm (float32 statistics, scaled in the model's dtype) as one fused kernel."""
+        normed = F.rms_norm(hidden.float(), norm.weight.shape, eps=norm.variance_epsilon)
+        return norm.weight * normed.to(hidden.dtype)
+
+    def _decode_layer(self, index: int, hidden: torch.Tensor, rope: tuple, batch: Batch) -> torch.Tensor:
+        """One layer for one token per row, `hidden` `[b, hidden]`. Layers `< l` write their K/V; a SwiftKV
+        layer only reads its group's, which SingleInputKV wrote."""
+        layer = self.decoder.layers[index]
+        attention = layer.self_attn
+        rows, heads, kv_heads = hidden.shape[0], self.num_heads, self.num_kv_heads
+        writes = index < self.num_full_layers
+        normed = self._norm(layer.input_layernorm, hidden)
+        projected = (attention.qkv_proj if writes else attention.q_proj_swiftkv)(normed)
+        projected = projected.view(rows, -1, self.head_dim)
+        rotated = _rope(projected[:, :heads + kv_heads] if writes else projected, *rope)  # q and k at once
+        entry = self.kv_entry[index]
+        if writes:
+            self._write(slice(entry, entry + 1), batch.write_slots, rotated[:, None, None, heads:],
+                        projected[:, None, None, heads + kv_heads:])
+        attended = self._attend(rotated[:, None, :heads], entry, batch, batch.attention_mask)
+        hidden = hidden + attention.o_proj(attended[:, 0])
+        return hidden + self._mlp(layer, self._norm(layer.post_attention_layernorm, hidden))
+
+    def _decode(self, batch: Batch) -> torch.Tensor:
+        """Logits `[b, vocab]` of one new token per row."""
+        hidden = self.decoder.embed_tokens(batch.input_ids[:, 0])
+        cos, sin = self.decoder.rotary_emb(hidden, batch.positions)
+        rope = (cos[:, 0, None], _signed_sin(sin[:, 0, None]))  # [b, 1, d], broadcast over heads
+        for index in range(self.num_full_layers):
+            hidden = self._decode_layer(index, hidden, rope, batch)
+        if self.swiftkv:
+            self._write_single_input_kv(hidden[:, None], (cos, sin), batch.write_slots)
+            for index in range(self.num_full_layers, self.num_layers):
+                hidden = self._decode_layer(index, hidden, rope, batch)
+        return self.model.lm_head(self._norm(self.decoder.norm, hidden)).float()
+
     @torch.inference_mode()
     def forward(self, batch: Batch) -> Optional[torch.Tensor]:
         """Logits `[batch, vocab]` of each row's last token, or None for a prefill chunk mid-prompt.
@@ -189,7 +253,8 @@ class ModelRunner:
         """
         single_token = batch.input_ids.numel() == 1 and self.device.type == "cpu"
         with onednn(enabled=not single_token):
-            return self._forward(batch)
+            return self._decode(batch) if batch.input_ids.shape[1] == 1 and batch.wants_logits \
+                else self._forward(batch)
 
     def _forward(self, batch: Batch) -> Optional[torch.Tensor]:
         hidden = self.decoder.embed_tokens(batch.input_ids)
@@ -208,3 +273,14 @@ class ModelRunner:
         elif not batch.wants_logits:
             return None
         return self.model.lm_head(self.decoder.norm(hidden[:, -1])).float()
+
+
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: `rotate_half(x) * sin == roll(x, d/2) * signed_sin`, bit for bit."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def _rope(states: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as the checkpoint computes it (`x * cos + rotate_half(x) * sin`), with one roll for the rotation."""
+    return states * cos + torch.roll(states, states.shape[-1] // 2, dims=-1) * signed_sin

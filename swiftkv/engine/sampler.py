@@ -30,7 +30,9 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     top, order = probabilities.topk(min(NUCLEUS_CANDIDATES, scores.numel()))
     if len(top) < scores.numel() and top.sum() < top_p:
         top, order = probabilities.sort(descending=True)
-    return order[top.cumsum(-1) - top < top_p]
+    keep = top.cumsum(-1) - top < top_p
+    keep[0] = True  # the most likely token always: a top_p that rounds to 0 in float32 (1e-320) keeps it
+    return order[keep]
 
 
 def sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from swiftkv.engine.detokenizer import DetokenizerState
 from swiftkv.engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -32,6 +33,7 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: Optional[str] = None
     text: str = ""
+    detokenizer: DetokenizerState = field(default_factory=DetokenizerState)
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: Optional[float] = None
     token_times: list[float] = field(default_factory=list)
