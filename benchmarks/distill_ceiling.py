@@ -22,6 +22,7 @@ import torch
 from swiftkv.distill import DEFAULT_DATA, DistillConfig, distillation_blocks
 from swiftkv.distill.data import encode_record, record_messages, split_records
 from swiftkv.distill.trainer import DistillTrainer
+from swiftkv.eval.fidelity import token_kl_and_agreement
 from swiftkv.loading import load_model, load_tokenizer
 from swiftkv.models.swiftkv import swiftkv_mode
 from swiftkv.plotting import png_figure
@@ -37,10 +38,10 @@ def agreement_by_role(model, tokenizer, records: list[dict]) -> dict:
                                                           add_generation_prompt=True))
         input_ids = torch.tensor([token_ids])
         with swiftkv_mode(model, False):
-            teacher = model(input_ids).logits[0, :-1].argmax(-1)
+            teacher = model(input_ids).logits[0, :-1]
         with swiftkv_mode(model, True):
-            student = model(input_ids).logits[0, :-1].argmax(-1)
-        agree = (teacher == student).float()  # position i predicts token i + 1
+            student = model(input_ids).logits[0, :-1]
+        _, agree = token_kl_and_agreement(teacher, student)  # position i predicts token i + 1
         for role, part in (("prompt", agree[:prompt_length - 1]), ("response", agree[prompt_length - 1:])):
             counts[role][0] += part.sum().item()
             counts[role][1] += part.numel()

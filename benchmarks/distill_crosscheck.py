@@ -2,34 +2,26 @@
 
 Each `benchmarks/distill.py` run reports agreement on the held-out part of its own corpus, so two recipes
 with different corpora (e.g. 512 prompts x 128 tokens vs 1000 x 192) are scored on different prompts.
-This puts every checkpoint on every held-out set, with the trainer's own metric (packed blocks, bf16
-autocast, KL at T=1 and top-1 agreement against the same weights with swiftkv off), block by block, so
-every checkpoint after the first also gets its paired agreement difference to the first with a 95% bootstrap
-interval over blocks. Writes JSON.
+This puts every checkpoint on every held-out set, with the trainer's metric (`swiftkv.eval.fidelity`: packed
+blocks, bf16 autocast, KL at T=1 and top-1 agreement against the same weights with swiftkv off), block by
+block, so every checkpoint after the first also gets its paired agreement difference to the first with a 95%
+bootstrap interval over blocks (`swiftkv.eval.statistics.paired_difference`). Writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
-import numpy as np
+import torch
 
 from swiftkv.distill import DEFAULT_DATA, DistillConfig, distillation_blocks
 from swiftkv.distill.data import encode_record, pack_sequences, split_records
 from swiftkv.distill.prompts import builtin_prompts
-from swiftkv.distill.trainer import DistillTrainer
+from swiftkv.eval.fidelity import measure_fidelity
+from swiftkv.eval.statistics import paired_difference
 from swiftkv.loading import load_model, load_tokenizer
-
-
-def _paired_difference(agreement: np.ndarray, baseline: np.ndarray, resamples: int = 10_000) -> dict:
-    """Mean per-block agreement difference and its 95% bootstrap interval (blocks resampled in pairs)."""
-    differences = agreement - baseline
-    draws = np.random.default_rng(0).integers(0, len(differences), (resamples, len(differences)))
-    low, high = np.percentile(differences[draws].mean(1), [2.5, 97.5])
-    return {"mean": float(differences.mean()), "ci95": [float(low), float(high)]}
 
 
 def main() -> None:
@@ -67,15 +59,15 @@ def main() -> None:
         results[checkpoint] = {}
         for corpus, blocks in held_out.items():
             blocks = blocks[: config.max_eval_blocks]
-            with tempfile.TemporaryDirectory() as run_dir:
-                trainer = DistillTrainer(student, blocks, blocks, config, run_dir)
-                scores = [trainer.evaluate(block[None]) for block in blocks]
-            per_block[checkpoint, corpus] = np.array([s["eval_top1_agreement"] for s in scores])
-            summary = {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}  # equal-length blocks
-            results[checkpoint][corpus] = {**summary, "blocks": len(blocks)}
+            fidelity = measure_fidelity(student, blocks, autocast_dtype=torch.bfloat16)
+            per_block[checkpoint, corpus] = fidelity.per_sequence_agreement
+            results[checkpoint][corpus] = {"eval_kl": fidelity.kl, "eval_top1_agreement": fidelity.top1_agreement,
+                                           "blocks": len(blocks)}
             if checkpoint != first:
-                results[checkpoint][corpus][f"agreement_minus_{first}"] = _paired_difference(
-                    per_block[checkpoint, corpus], per_block[first, corpus])
+                difference = paired_difference(per_block[checkpoint, corpus], per_block[first, corpus],
+                                               resamples=10_000)
+                results[checkpoint][corpus][f"agreement_minus_{first}"] = {
+                    "mean": difference.value, "ci95": [difference.low, difference.high]}
             print(checkpoint, corpus, results[checkpoint][corpus], flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

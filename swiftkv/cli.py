@@ -7,6 +7,7 @@ import dataclasses
 import sys
 
 from swiftkv.distill.config import DistillConfig
+from swiftkv.engine.config import EngineConfig
 from swiftkv.eval import DEFAULT_TASKS, SAME_CHECKPOINT
 from swiftkv.loading import DEFAULT_MODEL
 from swiftkv.engine.quantized import WEIGHT_FORMATS
@@ -65,23 +66,27 @@ def _eval(args: argparse.Namespace) -> None:
     evaluate(args.model, args.tasks, baseline, args.limit, args.batch_size, args.dtype, args.max_new_tokens, args.out)
 
 
-def _engine_config(args: argparse.Namespace):
-    from swiftkv.engine import EngineConfig
+ENGINE_FLAGS = ("dtype", "kv_cache_memory_gb", "block_size", "max_num_seqs", "max_prefill_tokens", "kv_cache_dtype",
+                "weights")
 
-    return EngineConfig(dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb, block_size=args.block_size,
-                        max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
-                        kv_cache_dtype=args.kv_cache_dtype, weights=args.weights)
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{name: getattr(args, name) for name in ENGINE_FLAGS})
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache budget (default: %(default)s)")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoding at once")
-    parser.add_argument("--max-prefill-tokens", type=int, default=1024, help="prompt tokens per prefill chunk")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+    """One flag per `EngineConfig` field a user tunes, its default read from `EngineConfig`."""
+    defaults = EngineConfig()
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=defaults.kv_cache_memory_gb,
+                        help="KV cache budget (default: %(default)s)")
+    parser.add_argument("--block-size", type=int, default=defaults.block_size)
+    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="sequences decoding at once")
+    parser.add_argument("--max-prefill-tokens", type=int, default=defaults.max_prefill_tokens,
+                        help="prompt tokens per prefill chunk")
+    parser.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype, choices=["auto", "int8"],
                         help="int8: 8-bit K/V with per-token scales (about 2x the tokens in the same memory)")
-    parser.add_argument("--weights", default="auto", choices=WEIGHT_FORMATS,
+    parser.add_argument("--weights", default=defaults.weights, choices=WEIGHT_FORMATS,
                         help="int8 / int4: weight-only quantized projections and lm_head, for faster decode "
                              "on CPU (auto: as loaded in --dtype)")
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from swiftkv.convert import convert_to_swiftkv
 from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
+from swiftkv.engine import model_runner
 from swiftkv.engine.block_manager import BlockManager
 from swiftkv.engine.llm_engine import request_output
 from swiftkv.engine.sampler import nucleus
@@ -79,7 +82,7 @@ def test_batched_results_equal_single_request_results():
         assert run(engine_for(model), [prompt], GREEDY)[0].token_ids == output.token_ids
 
 
-def test_a_lone_request_reads_its_cache_in_place_and_gets_the_tokens_of_the_gathered_path():
+def test_a_lone_request_reads_its_cache_in_place_and_gets_the_tokens_of_the_gathered_path(monkeypatch):
     model = swiftkv_model()
     engine = engine_for(model)
     in_place_calls = []
@@ -88,9 +91,8 @@ def test_a_lone_request_reads_its_cache_in_place_and_gets_the_tokens_of_the_gath
     in_place = run(engine, prompts(1), GREEDY)[0].token_ids
     assert len(in_place_calls) >= 9 * model.config.num_hidden_layers  # every decode step, every layer
 
-    gathered_engine = engine_for(model)
-    gathered_engine.blocks.contiguous_start = lambda *args: None  # as if its blocks were scattered
-    assert run(gathered_engine, prompts(1), GREEDY)[0].token_ids == in_place
+    monkeypatch.setattr(model_runner, "contiguous_start", lambda *args: None)  # as if its blocks were scattered
+    assert run(engine_for(model), prompts(1), GREEDY)[0].token_ids == in_place
 
 
 def test_a_growing_sequence_takes_the_block_after_its_last_so_its_slots_stay_contiguous():
@@ -268,6 +270,21 @@ def test_logprobs_are_the_model_distribution_of_each_sampled_token():
         assert [t for t, _ in entry.top] == logprobs.topk(3).indices.tolist()
 
 
+@pytest.mark.parametrize("family, fields, named", [
+    ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=2), "sliding_window=16"),
+    ("mistral", dict(sliding_window=32), "sliding_window=32"),
+    ("llama", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type='dynamic'"),
+])
+def test_models_the_engine_would_not_compute_exactly_are_refused_naming_the_field(family, fields, named):
+    model = make_base_model(family)
+    for name, value in fields.items():
+        setattr(model.config, name, value)
+    if family == "qwen2":
+        model.config.layer_types = ["full_attention"] * 2 + ["sliding_attention"] * 4  # as Qwen2Config derives
+    with pytest.raises(ValueError, match=re.escape(named)):
+        engine_for(model)
+
+
 def test_prompt_longer_than_the_context_is_rejected():
     engine = engine_for(make_base_model("llama"))
     with pytest.raises(ValueError, match="exceeds the model's context of 256 tokens"):
@@ -293,6 +310,6 @@ def test_int8_kv_cache_doubles_capacity_and_keeps_logits_close():
     for engine in (exact, quantized):
         sequence = engine.add_request(prompt, SamplingParams(max_tokens=1))
         engine.blocks.reserve(sequence, len(prompt))
-        logits.append(engine.runner.forward(engine._prefill_batch(sequence, 0, len(prompt)))[0])
+        logits.append(engine.runner.prefill(sequence, 0, len(prompt))[0])
     assert (logits[1] - logits[0]).abs().max() < 0.05 * logits[0].std()
     assert logits[1].argmax() == logits[0].argmax()

@@ -12,13 +12,14 @@ import torch
 
 from swiftkv.checkpoint import save_checkpoint
 from swiftkv.convert import convert_to_swiftkv
+from swiftkv.eval.fidelity import measure_fidelity, token_kl_and_agreement
 from swiftkv.eval.perplexity import window_negative_log_likelihoods
 from swiftkv.eval.runner import Candidate, evaluate_fidelity, evaluate_likelihood_task, perplexity_aggregate
 from swiftkv.eval.scoring import score_continuations
 from swiftkv.eval.statistics import bootstrap, paired_difference
 from swiftkv.eval.tasks import Task, TaskFormatError, load_multiple_choice, resolve_task
 
-from conftest import TINY, make_base_model, make_tiny_tokenizer
+from conftest import TINY, make_base_model, make_tiny_tokenizer, perturb_swiftkv_weights
 
 LOG_VOCAB = math.log(TINY["vocab_size"])
 
@@ -159,3 +160,29 @@ def test_lm_eval_harness_scores_a_local_task_like_swiftkv_eval(tiny_swiftkv_dir,
     ours = evaluate_likelihood_task(Candidate("swiftkv", model, True), make_tiny_tokenizer(),
                                     Task("local", "multiple_choice", data), None, 4)
     assert lm_eval_accuracy == pytest.approx(sum(ours.metrics["acc"].values) / len(records))
+
+
+def test_kl_and_agreement_per_position_are_the_textbook_quantities():
+    teacher, student = torch.randn(3, 5, 11), torch.randn(3, 5, 11)
+    kl, agreement = token_kl_and_agreement(teacher, student)
+    expected_kl = torch.nn.functional.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
+                                             reduction="none").sum(-1)
+    torch.testing.assert_close(kl, expected_kl)
+    assert torch.equal(agreement, (teacher.argmax(-1) == student.argmax(-1)).float())
+    same_kl, same_agreement = token_kl_and_agreement(teacher, teacher)
+    assert same_kl.abs().max() < 1e-6 and same_agreement.all()
+
+
+def test_fidelity_and_the_distillation_trainer_measure_the_same_agreement_and_kl(tmp_path):
+    from swiftkv.distill import DistillConfig
+    from swiftkv.distill.trainer import DistillTrainer
+
+    student = convert_to_swiftkv(make_base_model("llama"), num_key_value_layers=3)
+    perturb_swiftkv_weights(student, scale=0.3)
+    blocks = torch.randint(3, 96, (6, 24), generator=torch.Generator().manual_seed(0))
+    config = DistillConfig(max_steps=1, seq_length=24, micro_batch_size=2, mixed_precision="no")
+    trained_on = DistillTrainer(student, blocks, blocks, config, tmp_path).evaluate()
+    fidelity = measure_fidelity(student, blocks)
+    assert fidelity.top1_agreement == pytest.approx(trained_on["eval_top1_agreement"])
+    assert fidelity.kl == pytest.approx(trained_on["eval_kl"], rel=1e-4)
+    assert 0 < fidelity.top1_agreement < 1 and fidelity.num_tokens == blocks.numel()

@@ -10,6 +10,7 @@ are usually one contiguous range and decode attention can read them in place (`c
 from __future__ import annotations
 
 from collections import deque
+from typing import Optional
 
 import torch
 
@@ -63,15 +64,23 @@ class BlockManager:
         sequence.num_cached_tokens = 0
 
     def slots(self, sequence: Sequence, start: int, end: int) -> torch.Tensor:
-        """Flat cache slot `block * block_size + offset` of each token position in [start, end)."""
-        first, last = start // self.block_size, -(-end // self.block_size)
-        blocks = torch.tensor(sequence.block_table[first:last], dtype=torch.long)
-        slots = (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
-        return slots[start - first * self.block_size:end - first * self.block_size]
+        return slot_ids(sequence.block_table, self.block_size, start, end)
 
-    def contiguous_start(self, sequence: Sequence, num_tokens: int) -> "int | None":
-        """First slot of the sequence's first `num_tokens` tokens when those slots are one contiguous range."""
-        table = sequence.block_table[:-(-num_tokens // self.block_size)]
-        if any(following != block + 1 for block, following in zip(table, table[1:])):
-            return None
-        return table[0] * self.block_size
+    def contiguous_start(self, sequence: Sequence, num_tokens: int) -> Optional[int]:
+        return contiguous_start(sequence.block_table, self.block_size, num_tokens)
+
+
+def slot_ids(block_table: list[int], block_size: int, start: int, end: int) -> torch.Tensor:
+    """Flat cache slot `block * block_size + offset` of each token position in [start, end)."""
+    first, last = start // block_size, -(-end // block_size)
+    blocks = torch.tensor(block_table[first:last], dtype=torch.long)
+    slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()
+    return slots[start - first * block_size:end - first * block_size]
+
+
+def contiguous_start(block_table: list[int], block_size: int, num_tokens: int) -> Optional[int]:
+    """First slot of the first `num_tokens` tokens when their slots are one contiguous range, else None."""
+    table = block_table[:-(-num_tokens // block_size)]
+    if any(following != block + 1 for block, following in zip(table, table[1:])):
+        return None
+    return table[0] * block_size

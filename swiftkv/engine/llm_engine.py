@@ -10,29 +10,17 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 import torch
 
 from swiftkv.engine.block_manager import BlockManager
+from swiftkv.engine.config import EngineConfig
 from swiftkv.engine.detokenizer import next_text
-from swiftkv.engine.model_runner import Batch, ModelRunner
+from swiftkv.engine.model_runner import ModelRunner
 from swiftkv.engine.quantized import fuse_projections, quantize_weights
 from swiftkv.engine.sampler import sample, token_logprobs
 from swiftkv.engine.sampling_params import SamplingParams
-from swiftkv.engine.scheduler import Scheduler, SchedulerConfig
+from swiftkv.engine.scheduler import Scheduler
 from swiftkv.engine.sequence import Sequence
 
 Prompt = Union[str, list[int]]
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineConfig:
-    dtype: str = "bfloat16"
-    kv_cache_memory_gb: float = 1.0
-    block_size: int = 16
-    max_num_seqs: int = 32
-    max_prefill_tokens: int = 1024
-    kv_cache_dtype: str = "auto"      # "int8": 8-bit K/V with per-token scales, ~2x the tokens
-    reserve_output_tokens: bool = True  # admit a prompt only with KV room for every max_tokens: no preemption
-    device: str = "cpu"
-    weights: str = "auto"             # "int8": weight-only int8 projections and lm_head (engine/quantized.py)
 
 
 @dataclass
@@ -60,25 +48,25 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
+    def __init__(self, model, tokenizer, config: Optional[EngineConfig] = None):
         """The engine owns `model`: it fuses its projections and, with `config.weights` int8/int4, quantizes
         them, in place (the model still runs in transformers, computing what the engine computes)."""
+        config = config or EngineConfig()
         self.tokenizer, self.config = tokenizer, config
         quantize_weights(fuse_projections(model), config.weights)
         self.runner = ModelRunner(model, int(config.kv_cache_memory_gb * 2**30), config.block_size,
                                   config.kv_cache_dtype)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
-        scheduling = SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens, config.reserve_output_tokens)
-        self.scheduler = Scheduler(scheduling, self.blocks)
         self.max_model_length = getattr(model.config, "max_position_embeddings", 2**31)
         self.vocab_size = model.get_input_embeddings().num_embeddings
-        self.eos_token_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.config, "eos_token_id", None)))
-        self.eos_token_ids.discard(None)
+        eos_token_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.config, "eos_token_id", None)))
+        self.scheduler = Scheduler(config, self.blocks, eos_token_ids - {None})
 
     @classmethod
-    def from_pretrained(cls, model: str, config: EngineConfig = EngineConfig()) -> "LLMEngine":
+    def from_pretrained(cls, model: str, config: Optional[EngineConfig] = None) -> "LLMEngine":
         from swiftkv.loading import load_model, load_tokenizer
 
+        config = config or EngineConfig()
         return cls(load_model(model, dtype=config.dtype, device=config.device), load_tokenizer(model), config)
 
     @property
@@ -120,36 +108,6 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def _tensor(self, values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.runner.device)
-
-    def _prefill_batch(self, sequence: Sequence, start: int, end: int) -> Batch:
-        positions = torch.arange(start, end, device=self.runner.device)
-        keys = torch.arange(end, device=self.runner.device)
-        return Batch(
-            input_ids=self._tensor(sequence.token_ids[start:end])[None],
-            positions=positions[None],
-            write_slots=self.blocks.slots(sequence, start, end).to(self.runner.device),
-            read_slots=self.blocks.slots(sequence, 0, end).to(self.runner.device)[None],
-            attention_mask=None if start == 0 else (keys[None, :] <= positions[:, None])[None, None],
-            wants_logits=end == len(sequence),
-        )
-
-    def _decode_batch(self, sequences: list[Sequence]) -> Batch:
-        lengths = [len(s) for s in sequences]
-        read = torch.nn.utils.rnn.pad_sequence([self.blocks.slots(s, 0, len(s)) for s in sequences],
-                                               batch_first=True)
-        width = read.shape[1]
-        return Batch(
-            input_ids=self._tensor([[s.token_ids[-1]] for s in sequences]),
-            positions=self._tensor([[n - 1] for n in lengths]),
-            write_slots=read[torch.arange(len(sequences)), torch.tensor(lengths) - 1].to(self.runner.device),
-            read_slots=read.to(self.runner.device),
-            attention_mask=None if len(sequences) == 1 else
-            (torch.arange(width, device=self.runner.device)[None, :] < self._tensor(lengths)[:, None])[:, None, None],
-            contiguous_start=self.blocks.contiguous_start(sequences[0], lengths[0]) if len(sequences) == 1 else None,
-        )
-
     def step(self) -> list[TokenEvent]:
         """One scheduling round; returns the tokens it produced and the requests that ended.
 
@@ -159,13 +117,12 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         logits, failed = [], []
         if scheduled.decode:
-            done, failed = _each_alone_on_failure(
-                scheduled.decode, lambda sequences: self.runner.forward(self._decode_batch(sequences)))
+            done, failed = _each_alone_on_failure(scheduled.decode, self.runner.decode)
             logits += done
         if scheduled.prefill is not None:
             sequence, (start, end) = scheduled.prefill, scheduled.prefill_range
             done, prefill_failed = _each_alone_on_failure(
-                [sequence], lambda _: [self.runner.forward(self._prefill_batch(sequence, start, end))])
+                [sequence], lambda _: [self.runner.prefill(sequence, start, end)])
             failed += prefill_failed
             if done:
                 self.scheduler.prefill_done(sequence, end)
@@ -194,28 +151,22 @@ class LLMEngine:
         return TokenEvent(sequence, -1, "", True)
 
     def _append(self, sequence: Sequence, token: int, logits: torch.Tensor, now: float) -> TokenEvent:
+        """The scheduler appends the token (and ends the request on EOS, a stop token or max_tokens); here its
+        text is decoded and checked for stop strings."""
         params = sequence.params
         if params.logprobs is not None:
             sequence.logprobs.append(token_logprobs(logits, token, params.logprobs))
-        sequence.token_ids.append(token)
-        sequence.first_token_time = sequence.first_token_time or now
-        sequence.token_times.append(now)
+        self.scheduler.postprocess(sequence, token, now)
         text = sequence.text + next_text(self.tokenizer, sequence.output_token_ids, sequence.detokenizer)
-        reason = None
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
-            reason = "stop"
         if params.stop and len(text) > len(sequence.text):
             searched = max(0, len(sequence.text) - max(map(len, params.stop)) + 1)  # where a new match can start
             found = [at for at in (text.find(stop, searched) for stop in params.stop) if at >= 0]
             if found:
-                text, reason = text[:min(found)], "stop"
-        if reason is None and len(sequence.output_token_ids) >= params.max_tokens:
-            reason = "length"
+                text = text[:min(found)]
+                self.scheduler.finish(sequence, "stop")
         delta = text[len(sequence.text):]  # empty when a stop string began in text already streamed
         sequence.text = text
-        if reason is not None:
-            self.scheduler.finish(sequence, reason)
-        return TokenEvent(sequence, token, delta, reason is not None)
+        return TokenEvent(sequence, token, delta, sequence.is_finished)
 
 
 def _each_alone_on_failure(items: list, compute: Callable[[list], Iterable]) -> tuple[list, list]:
@@ -246,7 +197,8 @@ def request_output(sequence: Sequence) -> RequestOutput:
 
 
 class LLM:
-    """`LLM(model).generate(prompts, SamplingParams(...))`, as in vLLM; works on base and SwiftKV models."""
+    """`LLM(model).generate(prompts, SamplingParams(...))`, as in vLLM; works on base and SwiftKV models.
+    Keyword options are `EngineConfig` fields."""
 
     def __init__(self, model: str, **engine_options):
         self.engine = LLMEngine.from_pretrained(model, EngineConfig(**engine_options))

@@ -28,7 +28,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from swiftkv.engine.block_manager import contiguous_start, slot_ids
 from swiftkv.engine.quantized import fuse_projections
+from swiftkv.engine.sequence import Sequence
 from swiftkv.models.swiftkv import apply_rotary_to_states
 
 
@@ -62,11 +64,32 @@ class Batch:
     contiguous_start: Optional[int] = None  # one decode row whose read_slots are `start, start + 1, ...`
 
 
+# Rotary embeddings whose frequencies change with the sequence length: K/V cached at one length would be
+# rotated differently from what transformers computes over the whole sequence.
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def check_supported(config) -> None:
+    """Refuse, naming the field, a model this runner would not compute exactly: it attends over the whole
+    context (no sliding window) and rotates each token once (no length-dependent RoPE)."""
+    layer_types = getattr(config, "layer_types", None)  # where a config has them, they say which layers slide
+    window = getattr(config, "sliding_window", None)
+    if ("sliding_attention" in layer_types) if layer_types else window is not None:
+        raise ValueError(f"sliding_window={window}: the engine attends over the whole context, so a "
+                         "sliding-window model would silently diverge; run it in transformers")
+    rope = getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type"))
+    if rope_type in LENGTH_DEPENDENT_ROPE:
+        raise ValueError(f"rope_scaling.rope_type={rope_type!r} changes with the sequence length, which the "
+                         f"engine's cached keys cannot follow; supported: any other rope_type")
+
+
 class ModelRunner:
     """`kv_cache_dtype="int8"` stores K/V as int8 with one scale per token and head (absmax / 127),
     about half the bytes of bf16: the other half of the paper's KV-memory reduction."""
 
     def __init__(self, model, kv_cache_bytes: int, block_size: int, kv_cache_dtype: str = "auto"):
+        check_supported(model.config)
         self.model = fuse_projections(model).eval()
         self.decoder = model.model
         config = self.config = model.config
@@ -204,6 +227,42 @@ class ModelRunner:
         first = self.kv_entry[self.group_leaders[0]]
         self._write(slice(first, first + groups), write_slots,
                     keys.view(rows, tokens, groups, self.num_kv_heads, self.head_dim), projected[:, :, :, 1])
+
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _slots(self, sequence: Sequence, start: int, end: int) -> torch.Tensor:
+        return slot_ids(sequence.block_table, self.block_size, start, end).to(self.device)
+
+    def prefill(self, sequence: Sequence, start: int, end: int) -> Optional[torch.Tensor]:
+        """Run prompt tokens `[start, end)` of `sequence` (its blocks reserved); the logits `[1, vocab]` of the
+        prompt's last token when this chunk ends the prompt, else None."""
+        positions = torch.arange(start, end, device=self.device)
+        keys = torch.arange(end, device=self.device)
+        return self.forward(Batch(
+            input_ids=self._tensor(sequence.token_ids[start:end])[None],
+            positions=positions[None],
+            write_slots=self._slots(sequence, start, end),
+            read_slots=self._slots(sequence, 0, end)[None],
+            attention_mask=None if start == 0 else (keys[None, :] <= positions[:, None])[None, None],
+            wants_logits=end == len(sequence),
+        ))
+
+    def decode(self, sequences: list[Sequence]) -> torch.Tensor:
+        """Logits `[b, vocab]` of one new token for each sequence (its last token run through every layer)."""
+        lengths = [len(s) for s in sequences]
+        read = torch.nn.utils.rnn.pad_sequence([self._slots(s, 0, len(s)) for s in sequences], batch_first=True)
+        single = len(sequences) == 1
+        return self.forward(Batch(
+            input_ids=self._tensor([[s.token_ids[-1]] for s in sequences]),
+            positions=self._tensor([[n - 1] for n in lengths]),
+            write_slots=read[torch.arange(len(sequences)), torch.tensor(lengths) - 1],
+            read_slots=read,
+            attention_mask=None if single else
+            (torch.arange(read.shape[1], device=self.device)[None, :] < self._tensor(lengths)[:, None])[:, None, None],
+            contiguous_start=contiguous_start(sequences[0].block_table, self.block_size, lengths[0]) if single
+            else None,
+        ))
 
     @staticmethod
     def _norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -16,14 +16,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from swiftkv.engine.block_manager import BlockManager
+from swiftkv.engine.config import EngineConfig
 from swiftkv.engine.sequence import Sequence, Status
-
-
-@dataclass
-class SchedulerConfig:
-    max_num_seqs: int = 32                 # sequences decoding at once
-    max_prefill_tokens: int = 1024         # prompt tokens per prefill chunk
-    reserve_output_tokens: bool = True     # admit prompts only with room for every max_tokens (no preemption)
 
 
 @dataclass
@@ -34,8 +28,8 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
-        self.config, self.blocks = config, block_manager
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, eos_token_ids: set[int]):
+        self.config, self.blocks, self.eos_token_ids = config, block_manager, eos_token_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -83,6 +77,17 @@ class Scheduler:
             self.waiting.remove(sequence)
             sequence.status = Status.RUNNING
             self.running.append(sequence)
+
+    def postprocess(self, sequence: Sequence, token: int, now: float) -> None:
+        """Append a sampled token; finish the request on a stop token, EOS or `max_tokens`."""
+        params = sequence.params
+        sequence.token_ids.append(token)
+        sequence.first_token_time = sequence.first_token_time or now
+        sequence.token_times.append(now)
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            self.finish(sequence, "stop")
+        elif len(sequence) - sequence.num_prompt_tokens >= params.max_tokens:
+            self.finish(sequence, "length")
 
     def finish(self, sequence: Sequence, reason: str) -> None:
         sequence.status, sequence.finish_reason = Status.FINISHED, reason

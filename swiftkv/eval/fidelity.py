@@ -46,17 +46,20 @@ def _teacher_context(student: nn.Module, teacher: Optional[nn.Module]):
 
 @torch.no_grad()
 def measure_fidelity(student: nn.Module, sequences: Iterable[torch.Tensor], teacher: Optional[nn.Module] = None,
-                     progress: bool = False) -> Fidelity:
-    """Score each token sequence (1-D LongTensor) with teacher and student; `teacher=None` = student off."""
+                     progress: bool = False, autocast_dtype: Optional[torch.dtype] = None) -> Fidelity:
+    """Score each token sequence (1-D LongTensor) with teacher and student; `teacher=None` = student off.
+    `autocast_dtype` runs both under autocast, as the distillation trainer evaluates."""
     from tqdm.auto import tqdm
 
     per_kl, per_agreement, total_kl, total_agree, total_tokens = [], [], 0.0, 0.0, 0
     sequences = list(sequences)
+    autocast = torch.autocast(student.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     for input_ids in tqdm(sequences, desc="fidelity", disable=not progress):
         input_ids = input_ids.to(student.device)[None]
-        with _teacher_context(student, teacher):
+        with autocast, _teacher_context(student, teacher):
             teacher_logits = (teacher or student)(input_ids, use_cache=False).logits
-        student_logits = student(input_ids, use_cache=False).logits
+        with autocast:
+            student_logits = student(input_ids, use_cache=False).logits
         kl, agreement = token_kl_and_agreement(teacher_logits, student_logits)
         per_kl.append(kl.mean().item())
         per_agreement.append(agreement.mean().item())

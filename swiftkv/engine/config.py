@@ -1,0 +1,18 @@
+"""One engine configuration: the Python API, the CLI flags and the server all read their defaults here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    dtype: str = "bfloat16"
+    kv_cache_memory_gb: float = 1.0
+    block_size: int = 16
+    max_num_seqs: int = 32             # sequences decoding at once
+    max_prefill_tokens: int = 1024     # prompt tokens per prefill chunk
+    kv_cache_dtype: str = "auto"       # "int8": 8-bit K/V with per-token scales, ~2x the tokens
+    reserve_output_tokens: bool = True  # admit a prompt only with KV room for every max_tokens: no preemption
+    device: str = "cpu"
+    weights: str = "auto"              # "int8" / "int4": weight-only quantized projections (engine/quantized.py)
