@@ -123,6 +123,11 @@ def validate_checkpoint(path: str | Path) -> PretrainedConfig:
 def save_checkpoint(model: PreTrainedModel, out_dir: str | Path, tokenizer=None,
                     max_shard_size: str = "2GB") -> Path:
     """Write config.json + safetensors shards (+ tokenizer) in the format vLLM and transformers read."""
+    from swiftkv.engine.quantized import RowSlice
+
+    if any(isinstance(module, RowSlice) for module in model.modules()):
+        raise CheckpointError("this model was prepared for the engine (fused or quantized projections, whose "
+                              "weight names differ from the checkpoint's): save it before building an engine")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)

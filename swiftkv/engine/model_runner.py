@@ -14,7 +14,8 @@ Prefill of a prompt chunk `[start, end)`:
   * layers `>= l` run only for the prompt's last token, and only in the chunk that holds it.
 Decode runs every layer for one new token per sequence, as a batch, through its own lean path: the
 projections that read the same input are one matrix each (q|k|v, gate|up; `fuse_projections`), RoPE
-rotates q and k together, RMSNorm is PyTorch's fused kernel, and attention is two small matmuls over the
+rotates q and k together, RMSNorm is PyTorch's fused kernel; attention reads one row's contiguous slots in
+place through the fused SDPA kernel (up to `IN_PLACE_ATTENTION_MAX_KEYS`), else two small matmuls over the
 gathered context. On a CPU a decode step is a few hundred small calls around weight-streaming GEMVs, so
 every call saved is time saved (docs/engine-decode.md).
 """
@@ -63,6 +64,11 @@ class Batch:
     wants_logits: bool = True      # False for a prefill chunk that does not end the prompt
     contiguous_start: Optional[int] = None  # one decode row whose read_slots are `start, start + 1, ...`
 
+
+# One decode row reads its contiguous slots in place (fused SDPA) up to this many keys; beyond, gathering them
+# for two matmuls is faster on CPU (benchmarks/decode_attention.py: 88 vs 105 us per layer at 1024 keys,
+# 214 vs 159 at 2048).
+IN_PLACE_ATTENTION_MAX_KEYS = 1024
 
 # Rotary embeddings whose frequencies change with the sequence length: K/V cached at one length would be
 # rotated differently from what transformers computes over the whole sequence.
@@ -136,7 +142,8 @@ class ModelRunner:
 
     def _attend(self, query: torch.Tensor, entry: int, batch: Batch, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """query `[b, n, heads, d]` over the cache slots of each row -> `[b, n, heads * d]`."""
-        if batch.contiguous_start is not None and not self.quantized:
+        in_place = batch.contiguous_start is not None and batch.read_slots.shape[1] <= IN_PLACE_ATTENTION_MAX_KEYS
+        if in_place and not self.quantized:
             return self._attend_in_place(query, entry, batch.contiguous_start, batch.read_slots.shape[1])
         keys = self._read(self.k_cache, "k_scale", entry, batch.read_slots)  # [kv_heads, b, T, d]
         values = self._read(self.v_cache, "v_scale", entry, batch.read_slots)

@@ -19,7 +19,7 @@ from torch import nn
 
 WEIGHT_FORMATS = ("auto", "int8", "int4")  # auto: the weights as loaded (--dtype)
 INT8_KERNEL_MAX_ROWS = 32  # up to here the int8 kernel beats dequantizing for a bf16 GEMM on CPU
-INT4_KERNEL_MAX_ROWS = 8   # the int4 kernel's break-even with dequantize + GEMM is lower
+INT4_KERNEL_MAX_ROWS = 256  # dequantizing int4 costs more: the kernel wins up to ~256-512 rows (CPU)
 INT4_GROUP_SIZE = 32
 
 

@@ -1,0 +1,102 @@
+"""Decode attention on CPU: reading K/V in place from the paged cache against gathering them first.
+
+For one query token per row over contexts of `--contexts` keys (SmolLM2-135M's heads: 9 query heads over 3
+KV heads of 64, bf16), in a cache laid out as the engine's (`[kv_heads, slots, head_dim]` per layer):
+  gather + matmuls   `index_select` of the row's slots, then two small matmuls (oneDNN), the batch path;
+  in place, SDPA     PyTorch's fused SDPA kernel on a view of the row's contiguous slots, no copy;
+  batch of rows      `--rows` rows of the same length: gather + matmuls, or SDPA with a padding mask.
+Each cache read covers a different layer's slots per call, so timings include reading K/V from memory, as a
+decode step does. Writes JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from swiftkv.engine.model_runner import onednn
+from swiftkv.plotting import png_figure
+
+KV_HEADS, GROUP, HEAD_DIM, LAYERS = 3, 3, 64, 30
+
+
+def timed(call, repeats: int) -> float:
+    for layer in range(4):
+        call(layer)
+    started = time.perf_counter()
+    for index in range(repeats):
+        call(index % LAYERS)
+    return 1e6 * (time.perf_counter() - started) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096])
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--out", default="benchmarks/results/decode_attention")
+    args = parser.parse_args()
+
+    longest = max(args.contexts)
+    slots_per_layer = args.rows * longest
+    cache = torch.randn(LAYERS, KV_HEADS, slots_per_layer, HEAD_DIM, dtype=torch.bfloat16)
+    values = torch.randn_like(cache)
+    scale = HEAD_DIM ** -0.5
+    results = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "settings": vars(args),
+               "microseconds_per_layer": {}}
+    with torch.inference_mode(), onednn(True):
+        for context in args.contexts:
+            query = torch.randn(KV_HEADS, 1, GROUP, HEAD_DIM, dtype=torch.bfloat16)
+            slots = torch.arange(context)
+            row_slots = torch.stack([torch.arange(r * longest, r * longest + context) for r in range(args.rows)])
+            queries = torch.randn(KV_HEADS, args.rows, GROUP, HEAD_DIM, dtype=torch.bfloat16)
+            mask = torch.ones(args.rows, 1, 1, context, dtype=torch.bool)
+
+            def gather_matmuls(layer, slots=slots, query=query):
+                keys = cache[layer].index_select(1, slots.reshape(-1)).view(KV_HEADS, -1, slots.shape[-1], HEAD_DIM)
+                vals = values[layer].index_select(1, slots.reshape(-1)).view_as(keys)
+                probabilities = torch.softmax((query @ keys.transpose(-1, -2)).float() * scale, -1).to(keys.dtype)
+                return probabilities @ vals
+
+            def in_place(layer):
+                keys = cache[layer, :, :context].unsqueeze(1)
+                return F.scaled_dot_product_attention(query, keys, values[layer, :, :context].unsqueeze(1),
+                                                      scale=scale)
+
+            def batch_sdpa(layer):
+                keys = cache[layer].index_select(1, row_slots.reshape(-1)).view(KV_HEADS, args.rows, context, HEAD_DIM)
+                vals = values[layer].index_select(1, row_slots.reshape(-1)).view_as(keys)
+                return F.scaled_dot_product_attention(queries.transpose(0, 1), keys.transpose(0, 1),
+                                                      vals.transpose(0, 1), attn_mask=mask, scale=scale)
+
+            torch.testing.assert_close(in_place(0), gather_matmuls(0), atol=2e-2, rtol=2e-2)
+            row = {"one row, gather + matmuls": timed(gather_matmuls, args.repeats),
+                   "one row, in place (SDPA)": timed(in_place, args.repeats),
+                   f"{args.rows} rows, gather + matmuls": timed(
+                       lambda layer: gather_matmuls(layer, row_slots, queries), args.repeats),
+                   f"{args.rows} rows, gather + SDPA with mask": timed(batch_sdpa, args.repeats)}
+            results["microseconds_per_layer"][context] = row
+            print(context, {name: round(value, 1) for name, value in row.items()}, flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    with png_figure(out.with_suffix(".png"), figsize=(8, 4.5)) as (fig, axis):
+        contexts = list(results["microseconds_per_layer"])
+        for name in results["microseconds_per_layer"][contexts[0]]:
+            axis.plot(contexts, [results["microseconds_per_layer"][c][name] for c in contexts], marker="o", label=name)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("context (keys)")
+        axis.set_ylabel("microseconds per layer")
+        axis.legend(fontsize=8)
+        fig.suptitle("Decode attention on CPU: 9 query heads over 3 KV heads of 64, bf16, "
+                     f"{results['threads']} threads")
+
+
+if __name__ == "__main__":
+    main()
