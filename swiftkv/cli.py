@@ -63,11 +63,12 @@ def _eval(args: argparse.Namespace) -> None:
     from swiftkv.eval import evaluate
 
     baseline = None if args.baseline == "none" else args.baseline
-    evaluate(args.model, args.tasks, baseline, args.limit, args.batch_size, args.dtype, args.max_new_tokens, args.out)
+    evaluate(args.model, args.tasks, baseline, args.limit, args.batch_size, args.dtype, args.max_new_tokens, args.out,
+             device=args.device)
 
 
-ENGINE_FLAGS = ("dtype", "kv_cache_memory_gb", "block_size", "max_num_seqs", "max_prefill_tokens", "kv_cache_dtype",
-                "weights")
+ENGINE_FLAGS = ("dtype", "device", "kv_cache_memory_gb", "block_size", "max_num_seqs", "max_prefill_tokens",
+                "kv_cache_dtype", "weights")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -78,6 +79,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per `EngineConfig` field a user tunes, its default read from `EngineConfig`."""
     defaults = EngineConfig()
     parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    _add_device_flag(parser, defaults.device)
     parser.add_argument("--kv-cache-memory-gb", type=float, default=defaults.kv_cache_memory_gb,
                         help="KV cache budget (default: %(default)s)")
     parser.add_argument("--block-size", type=int, default=defaults.block_size)
@@ -89,6 +91,11 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=defaults.weights, choices=WEIGHT_FORMATS,
                         help="int8 / int4: weight-only quantized projections and lm_head, for faster decode "
                              "on CPU (auto: as loaded in --dtype)")
+
+
+def _add_device_flag(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    parser.add_argument("--device", default=default, help="auto (CUDA when present), cpu, cuda or cuda:N "
+                                                          "(default: %(default)s)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -221,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--batch-size", type=int, default=16)
     evaluation.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16", "float16"])
     evaluation.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens for fidelity tasks")
+    _add_device_flag(evaluation)
     evaluation.add_argument("--out", help="folder for eval.json and eval.md")
     evaluation.set_defaults(run=_eval)
 

@@ -89,6 +89,25 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto`: CUDA when present, else CPU; `cpu`, `cuda` and `cuda:N` are checked against this machine."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from error
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this machine's PyTorch sees no CUDA GPU (use auto or cpu)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    elif resolved.type != "cpu":
+        raise ValueError(f"--device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return resolved
+
+
 def load_model(model: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
                attn_implementation: str = "sdpa") -> PreTrainedModel:
     """Load a base or SwiftKV causal LM; a SwiftKV directory is validated first (clear error if broken)."""
@@ -111,7 +130,7 @@ def load_model(model: str, dtype: str | torch.dtype = "auto", device: str | torc
             f"{model!r} is not a local directory, .gguf file or built-in alias ({', '.join(BUILTIN_MODELS)}), "
             f"and loading it from the Hugging Face Hub failed{hint}: {error}"
         ) from error
-    return loaded.to(device).eval()
+    return loaded.to(resolve_device(device)).eval()
 
 
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:

@@ -62,3 +62,21 @@ def test_distill_resume_with_nothing_to_resume_says_it_starts_fresh(tmp_path):
                             env={**os.environ, "SWIFTKV_NO_COMPILE": "1"})
     assert result.returncode == 0, result.stderr
     assert f"nothing to resume in {tmp_path / 'run' / 'checkpoints'}: starting from step 0" in result.stdout + result.stderr
+
+
+def test_device_flag_runs_generate_on_the_chosen_device_and_names_one_this_machine_lacks(tiny_base_dir):
+    result = run_cli("generate", str(tiny_base_dir), "w1 w2", "--device", "cpu", "--max-tokens", "3",
+                     "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    if not torch.cuda.is_available():
+        result = run_cli("generate", str(tiny_base_dir), "w1 w2", "--device", "cuda")
+        assert result.returncode == 2 and "sees no CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("eval", "--model", str(tiny_base_dir), "--device", "tpu", "--baseline", "none")
+    assert result.returncode == 2 and "use auto, cpu, cuda or cuda:N" in result.stderr
+
+
+def test_auto_device_is_cuda_exactly_when_present():
+    from swiftkv.loading import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")

@@ -15,7 +15,7 @@ from swiftkv.distill import DistillTrainer
 from swiftkv.distill.least_squares import fit_single_input_key_values
 from swiftkv.engine import SamplingParams
 
-from conftest import make_base_model, perturb_swiftkv_weights
+from conftest import make_base_model, make_tiny_tokenizer, perturb_swiftkv_weights
 from test_distill import SHARP, blocks, quick_config, student
 from test_engine import GREEDY, engine_for, hf_greedy, prompts, run, swiftkv_model
 
@@ -78,3 +78,21 @@ def test_distillation_on_cuda_trains_in_bf16_and_lowers_held_out_kl(tmp_path):
     before, after = state.history[0], state.history[-1]
     assert after["eval_kl"] < 0.75 * before["eval_kl"]
     assert after["eval_top1_agreement"] > before["eval_top1_agreement"]
+
+
+def test_eval_fidelity_on_cuda_equals_eval_on_cpu(tmp_path):
+    from swiftkv.eval.runner import Candidate, evaluate_fidelity
+    from swiftkv.eval.tasks import Task
+
+    model = swiftkv_model()
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(f'{{"prompt": "w{i} w{i + 1} w{i + 2}"}}\n' for i in range(5)))
+
+    def fidelity(model):
+        return evaluate_fidelity(Candidate("swiftkv", model, True), Candidate("base", model, False),
+                                 make_tiny_tokenizer(), Task("p", "fidelity", prompts_file), None, 3, 6)
+
+    on_cpu = fidelity(model)
+    on_cuda = fidelity(copy.deepcopy(model).to(CUDA))  # inputs follow the model to its device
+    assert on_cuda.metrics["greedy_exact_match"].values == on_cpu.metrics["greedy_exact_match"].values
+    assert on_cuda.metrics["kl"].values == pytest.approx(on_cpu.metrics["kl"].values, abs=1e-4)

@@ -39,7 +39,8 @@ def corpus_teacher(model: str, teacher: Optional[str] = None):
     from swiftkv.loading import load_model
 
     def load():
-        generator = load_model(teacher or model, dtype="bfloat16")  # bf16: generation only, much faster here
+        # bf16: generation only, much faster; on the accelerator when there is one (each process's own GPU)
+        generator = load_model(teacher or model, dtype="bfloat16", device="auto")
         if not teacher:
             generator.config.swiftkv = False
         return generator

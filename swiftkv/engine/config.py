@@ -14,5 +14,5 @@ class EngineConfig:
     max_prefill_tokens: int = 1024     # prompt tokens per prefill chunk
     kv_cache_dtype: str = "auto"       # "int8": 8-bit K/V with per-token scales, ~2x the tokens
     reserve_output_tokens: bool = True  # admit a prompt only with KV room for every max_tokens: no preemption
-    device: str = "cpu"
+    device: str = "auto"               # auto: CUDA when present; cpu, cuda, cuda:N
     weights: str = "auto"              # "int8" / "int4": weight-only quantized projections (engine/quantized.py)

@@ -11,7 +11,7 @@ DEFAULT_TASKS = ["hellaswag", "arc_easy", "arc_challenge", "lambada", "wikitext2
 
 def evaluate(model: str, tasks: list[str], baseline: Optional[str] = SAME_CHECKPOINT, limit: Optional[int] = None,
              batch_size: int = 16, dtype: str = "bfloat16", max_new_tokens: int = 64,
-             out_dir: Optional[str | Path] = None):
+             out_dir: Optional[str | Path] = None, device: str = "auto"):
     """Evaluate `model` (and `baseline`: a model, `swiftkv-off` = the same checkpoint with SwiftKV off, or
     None) on `tasks`; print the table and write eval.json / eval.md to `out_dir`."""
     from swiftkv.eval.report import print_table, write_report
@@ -21,7 +21,7 @@ def evaluate(model: str, tasks: list[str], baseline: Optional[str] = SAME_CHECKP
 
     resolved = [resolve_task(task) for task in tasks]
     tokenizer = load_tokenizer(model)
-    loaded = load_model(model, dtype=dtype)
+    loaded = load_model(model, dtype=dtype, device=device)
     is_swiftkv = hasattr(loaded.config, "swiftkv")
     candidate = Candidate("swiftkv" if is_swiftkv else "model", loaded, True if is_swiftkv else None)
     if baseline == SAME_CHECKPOINT:
@@ -29,7 +29,7 @@ def evaluate(model: str, tasks: list[str], baseline: Optional[str] = SAME_CHECKP
             raise ValueError(f"--baseline {SAME_CHECKPOINT} needs a SwiftKV checkpoint; {model} is a base model")
         reference = Candidate("base", loaded, False)
     elif baseline:
-        reference = Candidate("base", load_model(baseline, dtype=dtype), None)
+        reference = Candidate("base", load_model(baseline, dtype=dtype, device=device), None)
     else:
         reference = None
     rows = compare(candidate, reference, tokenizer, resolved, limit, batch_size, max_new_tokens)
@@ -37,6 +37,7 @@ def evaluate(model: str, tasks: list[str], baseline: Optional[str] = SAME_CHECKP
     print_table(rows, title)
     if out_dir is not None:
         settings = {"model": model, "baseline": baseline, "tasks": tasks, "limit": limit, "dtype": dtype,
+                    "device": str(loaded.device),
                     "batch_size": batch_size, "max_new_tokens": max_new_tokens}
         write_report(rows, out_dir, title, settings)
     return rows

@@ -90,11 +90,20 @@ def evaluate_likelihood_task(candidate: Candidate, tokenizer, task: Task, limit:
 
 @torch.no_grad()
 def _greedy(candidate: Candidate, encoded, max_new_tokens: int, pad_token_id: int) -> torch.Tensor:
+    """The candidate's greedy answer tokens, on the CPU (its inputs go to the model's device)."""
+    device = candidate.model.device
     with candidate.active():
-        output = candidate.model.generate(input_ids=encoded.input_ids, attention_mask=encoded.attention_mask,
+        output = candidate.model.generate(input_ids=encoded.input_ids.to(device),
+                                          attention_mask=encoded.attention_mask.to(device),
                                           max_new_tokens=max_new_tokens, do_sample=False,
                                           pad_token_id=pad_token_id)
-    return output[:, encoded.input_ids.shape[1]:]
+    return output[:, encoded.input_ids.shape[1]:].cpu()
+
+
+def _logits(model, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    device = model.device
+    return model(input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                 use_cache=False).logits.float().cpu()
 
 
 def _trim(tokens: torch.Tensor, stop_ids: set[int]) -> list[int]:
@@ -123,10 +132,9 @@ def evaluate_fidelity(candidate: Candidate, teacher: Candidate, tokenizer, task:
         mask = torch.cat([encoded.attention_mask, torch.ones_like(teacher_tokens)], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
         with teacher.active():
-            teacher_logits = teacher.model(full, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            teacher_logits = _logits(teacher.model, full, mask, positions)
         with candidate.active():
-            candidate_logits = candidate.model(full, attention_mask=mask, position_ids=positions,
-                                               use_cache=False).logits
+            candidate_logits = _logits(candidate.model, full, mask, positions)
         prompt_length = encoded.input_ids.shape[1]
         token_kl, token_agreement = token_kl_and_agreement(teacher_logits[:, prompt_length - 1:-1],
                                                            candidate_logits[:, prompt_length - 1:-1])
