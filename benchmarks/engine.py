@@ -78,15 +78,18 @@ def engine_decode_ms(engine: LLMEngine, prompts: list[list[int]], tokens: int) -
 
 
 @torch.inference_mode()
-def hf_decode_ms(model, prompt: list[int], tokens: int) -> dict:
+def hf_generate_s(model, prompt: list[int], tokens: int) -> float:
+    """Seconds of a greedy `generate` of exactly `tokens` new tokens (EOS ignored), read back to the host."""
     input_ids = torch.tensor([prompt], device=model.device)
-    start = time.perf_counter()
-    model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=1, do_sample=False).tolist()
-    prefill = time.perf_counter() - start
     start = time.perf_counter()
     model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens, do_sample=False,
                    eos_token_id=None, pad_token_id=0).tolist()
-    per_token = (time.perf_counter() - start - prefill) / (tokens - 1)
+    return time.perf_counter() - start
+
+
+def hf_decode_ms(model, prompt: list[int], tokens: int) -> dict:
+    prefill = hf_generate_s(model, prompt, 1)
+    per_token = (hf_generate_s(model, prompt, tokens) - prefill) / (tokens - 1)
     return {"ms_per_token_per_stream": 1000 * per_token, "output_tokens_per_second": 1 / per_token}
 
 
@@ -95,15 +98,6 @@ def engine_e2e_s(engine: LLMEngine, prompt: list[int], tokens: int) -> float:
     while engine.has_unfinished():
         engine.step()
     return request_output(sequence).latency_s
-
-
-@torch.inference_mode()
-def hf_e2e_s(model, prompt: list[int], tokens: int) -> float:
-    input_ids = torch.tensor([prompt], device=model.device)
-    start = time.perf_counter()
-    model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens, do_sample=False,
-                   eos_token_id=None, pad_token_id=0).tolist()
-    return time.perf_counter() - start
 
 
 def llamacpp_row(system: str, args, text_ids: list[int]) -> dict:
@@ -235,7 +229,7 @@ def main() -> None:
         elif system == "hf":
             row["ttft_s"] = {n: hf_ttft(base, text_ids[:n], args.repeats) for n in args.ttft_lengths}
             row["decode_1"] = hf_decode_ms(base, text_ids[:128], args.decode_tokens)
-            row["e2e_s"] = hf_e2e_s(base, text_ids[:args.e2e[0]], args.e2e[1])
+            row["e2e_s"] = hf_generate_s(base, text_ids[:args.e2e[0]], args.e2e[1])
             row["serving"] = serve_hf(base, serve_prompts, arrivals, args.output_len)
         else:
             config = EngineConfig(dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,

@@ -123,9 +123,9 @@ def validate_checkpoint(path: str | Path) -> PretrainedConfig:
 def save_checkpoint(model: PreTrainedModel, out_dir: str | Path, tokenizer=None,
                     max_shard_size: str = "2GB") -> Path:
     """Write config.json + safetensors shards (+ tokenizer) in the format vLLM and transformers read."""
-    from swiftkv.engine.quantized import RowSlice
+    from swiftkv.engine.quantized import RowSlice, WeightOnlyLinear
 
-    if any(isinstance(module, RowSlice) for module in model.modules()):
+    if any(isinstance(module, (RowSlice, WeightOnlyLinear)) for module in model.modules()):
         raise CheckpointError("this model was prepared for the engine (fused or quantized projections, whose "
                               "weight names differ from the checkpoint's): save it before building an engine")
     out_dir = Path(out_dir)

@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="output directory")
     convert.set_defaults(run=_convert)
 
-    export = commands.add_parser("export", help="write a SwiftKV checkpoint for another engine (vLLM + ArcticInference)")
+    export = commands.add_parser("export",
+                                 help="write a SwiftKV checkpoint for another engine (vLLM + ArcticInference)")
     export.add_argument("checkpoint", help="SwiftKV checkpoint folder (from `swiftkv convert` or `distill`)")
     export.add_argument("out", help="output folder")
     export.add_argument("--for", dest="target", choices=["vllm"], default="vllm",

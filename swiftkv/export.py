@@ -44,9 +44,9 @@ def vllm_state_dict(model) -> dict[str, torch.Tensor]:
                 "q_proj", "k_proj", "v_proj", "k_proj_swiftkv", "v_proj_swiftkv"):
             continue  # base projections SwiftKV never runs; K/V projections are re-added per layer below
         state[name] = tensor
+    leaders = config.group_leaders()
     for layer_index in range(first_swiftkv, config.num_hidden_layers):
-        leader = model.model.layers[config.group_leaders()[(layer_index - first_swiftkv)
-                                                           // config.key_value_group_size]].self_attn
+        leader = model.model.layers[leaders[(layer_index - first_swiftkv) // config.key_value_group_size]].self_attn
         for projection in ("k_proj_swiftkv", "v_proj_swiftkv"):
             for kind, tensor in getattr(leader, projection).state_dict().items():
                 state[f"model.layers.{layer_index}.self_attn.{projection}.{kind}"] = tensor.clone()  # own storage

@@ -10,7 +10,7 @@ import torch
 from swiftkv.convert import convert_to_swiftkv
 from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
 from swiftkv.engine import model_runner
-from swiftkv.engine.block_manager import BlockManager
+from swiftkv.engine.block_manager import BlockManager, contiguous_start
 from swiftkv.engine.llm_engine import request_output
 from swiftkv.engine.sampler import nucleus
 from swiftkv.engine.sequence import Sequence
@@ -101,14 +101,14 @@ def test_a_growing_sequence_takes_the_block_after_its_last_so_its_slots_stay_con
     blocks.reserve(first, 8)   # blocks 0, 1
     blocks.reserve(second, 4)  # block 2
     blocks.reserve(first, 12)  # 2 is taken: the oldest free block, 3
-    assert first.block_table == [0, 1, 3] and blocks.contiguous_start(first, 12) is None
-    assert blocks.contiguous_start(first, 8) == 0
+    assert first.block_table == [0, 1, 3] and contiguous_start(first.block_table, 4, 12) is None
+    assert contiguous_start(first.block_table, 4, 8) == 0
     blocks.free(second)        # free list: 4, 5, 6, 7, 2
     blocks.reserve(first, 16)  # 4 follows 3
     third = Sequence(list(range(4)), GREEDY)
     blocks.reserve(third, 8)   # 5, then 6 (after 5)
     assert first.block_table == [0, 1, 3, 4] and third.block_table == [5, 6]
-    assert blocks.contiguous_start(third, 8) == 20
+    assert contiguous_start(third.block_table, 4, 8) == 20
 
 
 def test_chunked_prefill_gives_the_same_tokens():

@@ -63,12 +63,6 @@ class BlockManager:
         sequence.block_table = []
         sequence.num_cached_tokens = 0
 
-    def slots(self, sequence: Sequence, start: int, end: int) -> torch.Tensor:
-        return slot_ids(sequence.block_table, self.block_size, start, end)
-
-    def contiguous_start(self, sequence: Sequence, num_tokens: int) -> Optional[int]:
-        return contiguous_start(sequence.block_table, self.block_size, num_tokens)
-
 
 def slot_ids(block_table: list[int], block_size: int, start: int, end: int) -> torch.Tensor:
     """Flat cache slot `block * block_size + offset` of each token position in [start, end)."""

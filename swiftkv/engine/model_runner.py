@@ -62,7 +62,7 @@ class Batch:
     read_slots: torch.Tensor
     attention_mask: Optional[torch.Tensor]
     wants_logits: bool = True      # False for a prefill chunk that does not end the prompt
-    contiguous_start: Optional[int] = None  # one decode row whose read_slots are `start, start + 1, ...`
+    contiguous_start: Optional[int] = None  # one decode row read in place: read_slots are `start, start + 1, ...`
 
 
 # One decode row reads its contiguous slots in place (fused SDPA) up to this many keys; beyond, gathering them
@@ -142,8 +142,7 @@ class ModelRunner:
 
     def _attend(self, query: torch.Tensor, entry: int, batch: Batch, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """query `[b, n, heads, d]` over the cache slots of each row -> `[b, n, heads * d]`."""
-        in_place = batch.contiguous_start is not None and batch.read_slots.shape[1] <= IN_PLACE_ATTENTION_MAX_KEYS
-        if in_place and not self.quantized:
+        if batch.contiguous_start is not None:
             return self._attend_in_place(query, entry, batch.contiguous_start, batch.read_slots.shape[1])
         keys = self._read(self.k_cache, "k_scale", entry, batch.read_slots)  # [kv_heads, b, T, d]
         values = self._read(self.v_cache, "v_scale", entry, batch.read_slots)
@@ -260,6 +259,7 @@ class ModelRunner:
         lengths = [len(s) for s in sequences]
         read = torch.nn.utils.rnn.pad_sequence([self._slots(s, 0, len(s)) for s in sequences], batch_first=True)
         single = len(sequences) == 1
+        in_place = single and not self.quantized and lengths[0] <= IN_PLACE_ATTENTION_MAX_KEYS
         return self.forward(Batch(
             input_ids=self._tensor([[s.token_ids[-1]] for s in sequences]),
             positions=self._tensor([[n - 1] for n in lengths]),
@@ -267,7 +267,7 @@ class ModelRunner:
             read_slots=read,
             attention_mask=None if single else
             (torch.arange(read.shape[1], device=self.device)[None, :] < self._tensor(lengths)[:, None])[:, None, None],
-            contiguous_start=contiguous_start(sequences[0].block_table, self.block_size, lengths[0]) if single
+            contiguous_start=contiguous_start(sequences[0].block_table, self.block_size, lengths[0]) if in_place
             else None,
         ))
 

@@ -23,43 +23,64 @@ INT4_KERNEL_MAX_ROWS = 256  # dequantizing int4 costs more: the kernel wins up t
 INT4_GROUP_SIZE = 32
 
 
-class Int8WeightOnlyLinear(nn.Module):
-    """`nn.Linear` with int8 weights `[out, in]` and per-output-channel scales `[out]` (activations stay in
-    the model's dtype)."""
+class WeightOnlyLinear(nn.Module):
+    """`nn.Linear` with quantized weights and activations in the model's dtype: up to `kernel_max_rows` rows
+    (decode) go through PyTorch's CPU kernel for the format, more rows (prefill) or another device through a
+    dequantized matrix and a GEMM."""
+
+    kernel_max_rows: int
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        weight = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` `[n, in]` -> `[n, out]` without dequantizing."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows > self.kernel_max_rows or x.device.type != "cpu":
+            return F.linear(x, self.dequantized_weight(), self.bias)
+        output = self._kernel(x.reshape(rows, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        return output if self.bias is None else output + self.bias
+
+
+class Int8WeightOnlyLinear(WeightOnlyLinear):
+    """int8 weights `[out, in]` and per-output-channel scales `[out]` (absmax / 127)."""
+
+    kernel_max_rows = INT8_KERNEL_MAX_ROWS
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        weight = linear.weight.detach()
         scales = weight.float().abs().amax(dim=1).clamp(min=1e-8) / 127
         self.register_buffer("weight_int8", (weight.float() / scales[:, None]).round().clamp(-127, 127)
                              .to(torch.int8))
         self.register_buffer("scales", scales.to(weight.dtype))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.to(self.scales.dtype) * self.scales[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows > INT8_KERNEL_MAX_ROWS or x.device.type != "cpu":
-            return F.linear(x, self.dequantized_weight(), self.bias)
-        output = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, self.in_features).to(self.scales.dtype),
-                                                    self.weight_int8, self.scales)
-        output = output.reshape(*x.shape[:-1], self.out_features)
-        return output if self.bias is None else output + self.bias
+    def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(rows.to(self.scales.dtype), self.weight_int8, self.scales)
 
 
-class Int4WeightOnlyLinear(nn.Module):
-    """`nn.Linear` with 4-bit weights: each output row in groups of `INT4_GROUP_SIZE` input channels, each
-    group with a scale and zero point (min/max, asymmetric). Holds the kernel's packed layout for a few rows
-    and a plain two-per-byte copy to dequantize for many: a byte per weight in memory, as int8, but half
-    int8's bytes streamed per decode step."""
+class Int4WeightOnlyLinear(WeightOnlyLinear):
+    """4-bit weights: each output row in groups of `INT4_GROUP_SIZE` input channels, each group with a scale
+    and zero point (min/max, asymmetric). Holds the kernel's packed layout for a few rows and a plain
+    two-per-byte copy to dequantize for many: a byte per weight in memory, as int8, but half int8's bytes
+    streamed per decode step."""
+
+    kernel_max_rows = INT4_KERNEL_MAX_ROWS
 
     def __init__(self, linear: nn.Linear):
-        super().__init__()
+        super().__init__(linear)
         weight = linear.weight.detach()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         groups = weight.float().view(self.out_features, -1, INT4_GROUP_SIZE)
         low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
         scales = ((high - low) / 15).clamp(min=1e-8)
@@ -69,7 +90,6 @@ class Int4WeightOnlyLinear(nn.Module):
         self.register_buffer("weight_nibbles", (levels[:, ::2] | levels[:, 1::2] << 4).to(torch.uint8))
         scales_and_zeros = torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # [groups, out, 2]
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(weight.dtype))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     @staticmethod
     def supports(linear: nn.Linear) -> bool:
@@ -83,15 +103,11 @@ class Int4WeightOnlyLinear(nn.Module):
         weight = (levels.float() - 8) * scales[..., None] + zeros[..., None]
         return weight.view(self.out_features, self.in_features).to(self.scales_and_zeros.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows > INT4_KERNEL_MAX_ROWS:
-            return F.linear(x, self.dequantized_weight(), self.bias)
-        output = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(rows, self.in_features).to(self.scales_and_zeros.dtype), self.weight_int4pack,
-            INT4_GROUP_SIZE, self.scales_and_zeros)
-        output = output.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return output if self.bias is None else output + self.bias
+    def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        output = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(self.scales_and_zeros.dtype),
+                                                            self.weight_int4pack, INT4_GROUP_SIZE,
+                                                            self.scales_and_zeros)
+        return output.to(rows.dtype)
 
 
 class RowSlice(nn.Module):
