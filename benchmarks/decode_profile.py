@@ -52,17 +52,17 @@ def profile_ops(engine: LLMEngine, prompt: list[int], steps: int, top: int) -> t
 
 
 def compile_probe(engine: LLMEngine, prompt: list[int], steps: int) -> dict:
-    """torch.compile of the decode step (`ModelRunner._decode`, every layer in one graph) against eager on the
+    """torch.compile of the forward (`ModelRunner._forward`, every layer in one graph) against eager on the
     same engine."""
     reference, eager_seconds = decode_steps(engine, prompt, steps)
     runner = engine.runner
-    eager = runner._decode
-    runner._decode = torch.compile(eager, dynamic=True)
+    eager = runner._forward
+    runner._forward = torch.compile(eager, dynamic=True)
     started = time.perf_counter()
     decode_steps(engine, prompt, 8)
     compile_seconds = time.perf_counter() - started
     tokens, compiled_seconds = decode_steps(engine, prompt, steps)
-    runner._decode = eager
+    runner._forward = eager
     return {"compile_and_first_steps_s": compile_seconds, "eager_ms_per_step": 1000 * eager_seconds,
             "compiled_ms_per_step": 1000 * compiled_seconds, "tokens_equal": tokens == reference}
 

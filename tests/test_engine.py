@@ -13,7 +13,7 @@ from swiftkv.engine import model_runner
 from swiftkv.engine.block_manager import BlockManager, contiguous_start
 from swiftkv.engine.llm_engine import request_output
 from swiftkv.engine.sampler import nucleus
-from swiftkv.engine.sequence import Sequence
+from swiftkv.engine.sequence import Chunk, Sequence
 
 from conftest import make_base_model, make_tiny_tokenizer, perturb_swiftkv_weights
 
@@ -93,6 +93,78 @@ def test_a_lone_request_reads_its_cache_in_place_and_gets_the_tokens_of_the_gath
 
     monkeypatch.setattr(model_runner, "contiguous_start", lambda *args: None)  # as if its blocks were scattered
     assert run(engine_for(model), prompts(1), GREEDY)[0].token_ids == in_place
+
+
+def reserved_sequences(engine, token_prompts):
+    sequences = [Sequence(list(p), GREEDY) for p in token_prompts]
+    for sequence in sequences:
+        engine.blocks.reserve(sequence, len(sequence) + 10)
+    return sequences
+
+
+@pytest.mark.parametrize("family, group_size", [("llama", None), ("llama", 1), ("qwen2", 2)])
+def test_a_mixed_batch_gives_every_chunk_the_logits_it_gets_alone(family, group_size):
+    """One forward of a decode token, a prompt's last chunk, a whole prompt and a mid-prompt chunk equals the
+    four run one by one: same logits, same cache."""
+    model = make_base_model(family) if group_size is None else swiftkv_model(family, group_size)
+    alone, mixed = engine_for(model), engine_for(model)
+    for engine in (alone, mixed):
+        decoding, resumed, whole, started = reserved_sequences(engine, prompts(4, seed=3))
+        engine.runner.run([Chunk(decoding, 0, len(decoding))])
+        decoding.token_ids.append(7)
+        engine.runner.run([Chunk(resumed, 0, 3)])
+        engine.chunks = [Chunk(decoding, len(decoding) - 1, len(decoding)), Chunk(resumed, 3, len(resumed)),
+                         Chunk(whole, 0, len(whole)), Chunk(started, 0, 4)]
+    separately = [alone.runner.run([chunk])[0] for chunk in alone.chunks]
+    together = mixed.runner.run(mixed.chunks)
+    assert together[3] is None and separately[3] is None  # mid-prompt: no logits
+    for one, packed in zip(separately[:3], together[:3]):
+        torch.testing.assert_close(packed, one, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed.runner.k_cache, alone.runner.k_cache, rtol=1e-4, atol=1e-4)
+
+
+def test_a_prompt_arriving_while_others_decode_runs_in_their_step_and_changes_no_token():
+    model = swiftkv_model()
+    engine, batches = engine_for(model), []
+    forward = engine.runner.forward
+    engine.runner.forward = lambda batch: batches.append((len(batch.rows), len(batch.spans))) or forward(batch)
+    first, second, third = prompts(3)
+    early = [engine.add_request(p, GREEDY) for p in (first, second)]
+    for _ in range(3):
+        engine.step()
+    late = engine.add_request(third, GREEDY)
+    while engine.has_unfinished():
+        engine.step()
+    assert batches[:2] == [(0, 2), (2, 0)] and batches[3] == (2, 1)  # two prompts in one step; then mixed
+    expected = run(engine_for(model), prompts(3), GREEDY)
+    assert [s.output_token_ids for s in (*early, late)] == [o.token_ids for o in expected]
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_decode_rows_read_in_place_one_by_one_or_gathered_give_the_same_tokens(monkeypatch, in_place):
+    model = swiftkv_model()
+    expected = [run(engine_for(model), [p], GREEDY)[0].token_ids for p in prompts(4)]
+    monkeypatch.setattr(model_runner, "GATHERED_ROWS_MAX_KEYS", 0 if in_place else 10**9)
+    engine = engine_for(model)
+    attend_in_place = engine.runner._attend_in_place
+    calls = []
+    engine.runner._attend_in_place = lambda *args: calls.append(args) or attend_in_place(*args)
+    assert [o.token_ids for o in run(engine, prompts(4), GREEDY)] == expected
+    assert bool(calls) == in_place
+
+
+def test_a_new_sequence_gets_the_first_run_of_free_blocks_long_enough_for_it():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    a, b, c = (Sequence(list(range(4)), GREEDY) for _ in range(3))
+    for sequence in (a, b, c):
+        blocks.reserve(sequence, 4)  # blocks 0, 1, 2
+    blocks.free(b)                   # free: 1, 3..7
+    long = Sequence(list(range(12)), GREEDY)
+    blocks.reserve(long, 12)         # block 1 alone is too short: 3, 4, 5
+    assert long.block_table == [3, 4, 5] and contiguous_start(long.block_table, 4, 12) == 12
+    short = Sequence(list(range(4)), GREEDY)
+    blocks.reserve(short, 4)
+    assert short.block_table == [1]
 
 
 def test_a_growing_sequence_takes_the_block_after_its_last_so_its_slots_stay_contiguous():
@@ -215,10 +287,10 @@ def test_a_request_that_fails_in_a_batch_ends_alone_and_the_others_finish_unchan
     expected = run(engine_for(model), prompts(3), GREEDY)
     engine = engine_for(model)
     forward = engine.runner.forward
-    poisoned = prompts(3)[1][-1]  # the last prompt token of request 1 is in its prefill and no other batch
+    poisoned, position = prompts(3)[1][-1], len(prompts(3)[1]) - 1  # request 1's last prompt token
 
-    def fails_on_request_1(batch):
-        if batch.input_ids.shape[1] > 1 and (batch.input_ids[0, -1] == poisoned).item():
+    def fails_on_request_1(batch):  # all three prompts are prefilled in one batch, then rerun one by one
+        if ((batch.input_ids == poisoned) & (batch.positions == position)).any():
             raise RuntimeError("planted")
         return forward(batch)
 
@@ -310,6 +382,6 @@ def test_int8_kv_cache_doubles_capacity_and_keeps_logits_close():
     for engine in (exact, quantized):
         sequence = engine.add_request(prompt, SamplingParams(max_tokens=1))
         engine.blocks.reserve(sequence, len(prompt))
-        logits.append(engine.runner.prefill(sequence, 0, len(prompt))[0])
+        logits.append(engine.runner.run([Chunk(sequence, 0, len(prompt))])[0])
     assert (logits[1] - logits[0]).abs().max() < 0.05 * logits[0].std()
     assert logits[1].argmax() == logits[0].argmax()

@@ -3,8 +3,9 @@
 One block holds `block_size` tokens for *every* KV cache entry of the model, so a SwiftKV model with
 AcrossKV (fewer entries) fits more blocks, hence more tokens, in the same memory budget.
 
-A sequence that grows takes the block after its last one when that block is free, so a sequence's slots
-are usually one contiguous range and decode attention can read them in place (`contiguous_start`).
+A sequence's slots are kept one contiguous range where the free blocks allow it, so attention can read them
+in place (`contiguous_start`): a new sequence gets the first run of consecutive free blocks long enough for
+it, and a sequence that grows takes the block after its last one when that block is free.
 """
 
 from __future__ import annotations
@@ -44,8 +45,23 @@ class BlockManager:
         needed = self.blocks_needed(sequence, num_tokens)
         if needed > len(self.free_blocks):
             raise MemoryError("not enough free KV blocks")
+        if needed and not sequence.block_table:
+            sequence.block_table.append(self._take(self._first_run(needed)))
+            needed -= 1
         for _ in range(needed):
-            sequence.block_table.append(self._take(sequence.block_table[-1] + 1 if sequence.block_table else None))
+            sequence.block_table.append(self._take(sequence.block_table[-1] + 1))
+
+    def _first_run(self, length: int) -> Optional[int]:
+        """First block of the lowest run of `length` consecutive free blocks, None when there is none."""
+        run_start, run_length = None, 0
+        for block in sorted(self._free):
+            if run_length and block == run_start + run_length:
+                run_length += 1
+            else:
+                run_start, run_length = block, 1
+            if run_length == length:
+                return run_start
+        return None
 
     def _take(self, preferred) -> int:
         """`preferred` when it is free, else the block freed longest ago."""

@@ -111,29 +111,25 @@ class LLMEngine:
     def step(self) -> list[TokenEvent]:
         """One scheduling round; returns the tokens it produced and the requests that ended.
 
-        A request whose forward or sampling raises ends alone with finish_reason "error" (its `error` says
-        why); the others in its batch run again without it, so no single request can stop the engine.
+        The step's chunks (every decoding sequence's new token, prompt chunks) run as one forward. A request
+        whose forward or sampling raises ends alone with finish_reason "error" (its `error` says why); the
+        others in its batch run again without it, so no single request can stop the engine.
         """
-        scheduled = self.scheduler.schedule()
-        logits, failed = [], []
-        if scheduled.decode:
-            done, failed = _each_alone_on_failure(scheduled.decode, self.runner.decode)
-            logits += done
-        if scheduled.prefill is not None:
-            sequence, (start, end) = scheduled.prefill, scheduled.prefill_range
-            done, prefill_failed = _each_alone_on_failure(
-                [sequence], lambda _: [self.runner.prefill(sequence, start, end)])
-            failed += prefill_failed
-            if done:
-                self.scheduler.prefill_done(sequence, end)
-                if done[0][1] is not None:
-                    logits.append((sequence, done[0][1][0]))
-        if not logits and not failed:
-            if self.scheduler.has_unfinished() and scheduled.prefill is None and not scheduled.decode:
+        chunks = self.scheduler.schedule().chunks
+        if not chunks:
+            if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: the KV cache is too small for any waiting request")
             return []
+        done, failed = _each_alone_on_failure(chunks, self.runner.run)
+        logits = []
+        for chunk, row in done:
+            self.scheduler.ran(chunk)
+            if row is not None:
+                logits.append((chunk.sequence, row))
+        failed = [(chunk.sequence, error) for chunk, error in failed]
         sampled, sampling_failed = _each_alone_on_failure(
-            logits, lambda rows: sample(torch.stack([row for _, row in rows]), [s for s, _ in rows]))
+            logits, lambda rows: sample(torch.stack([row for _, row in rows]), [s for s, _ in rows])) \
+            if logits else ([], [])
         now = time.perf_counter()
         events = [self._fail(sequence, error) for sequence, error in failed]
         events += [self._fail(sequence, error) for (sequence, _), error in sampling_failed]

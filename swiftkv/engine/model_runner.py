@@ -4,26 +4,26 @@ The runner reuses the checkpoint's own modules (norms, projections, MLPs, rotary
 only what is new: where K/V live and which tokens run which layers.
 
 Cache layout: `k_cache` / `v_cache` are `[kv_entries, kv_heads, num_slots, head_dim]`, a slot being
-`block * block_size + offset`; head-major, so gathering a sequence's slots (`index_select`) gives each head's
-keys contiguous, ready for attention without another copy. A base model has one entry per layer; SwiftKV
-has one per layer `< l` and one per AcrossKV group (consecutive, so SingleInputKV writes them in one op).
+`block * block_size + offset`; head-major, so a sequence whose slots are one range is, for each head, one
+contiguous `[tokens, head_dim]` matrix that attention reads in place. A base model has one entry per layer;
+SwiftKV has one per layer `< l` and one per AcrossKV group (consecutive, so SingleInputKV writes them in one op).
 
-Prefill of a prompt chunk `[start, end)`:
-  * layers `< l` run on every chunk token and write their K/V;
-  * SwiftKV: `norm_swiftkv` of layer `l-1`'s output gives every group's K/V for the chunk (SingleInputKV);
-  * layers `>= l` run only for the prompt's last token, and only in the chunk that holds it.
-Decode runs every layer for one new token per sequence, as a batch, through its own lean path: the
-projections that read the same input are one matrix each (q|k|v, gate|up; `fuse_projections`), RoPE
-rotates q and k together, RMSNorm is PyTorch's fused kernel; attention reads one row's contiguous slots in
-place through the fused SDPA kernel (up to `IN_PLACE_ATTENTION_MAX_KEYS`), else two small matmuls over the
-gathered context. On a CPU a decode step is a few hundred small calls around weight-streaming GEMVs, so
-every call saved is time saved (docs/engine-decode.md).
+One forward runs a packed batch: the chunks of a step (the new token of every decoding sequence and the
+prompt chunks of several prompts) concatenated into one row of tokens, so every projection and MLP is one
+matrix product over all of them, and only attention looks at which tokens belong to which sequence:
+  * layers `< l` run on every token and write their K/V;
+  * SwiftKV: `norm_swiftkv` of layer `l-1`'s output gives every group's K/V for every token (SingleInputKV);
+  * layers `>= l` run only for the tokens whose logits are wanted (decode tokens, a prompt's last token),
+    so a prompt chunk's other tokens never touch them.
+The projections that read the same input are one matrix each (q|k|v, gate|up; `fuse_projections`), RoPE
+rotates q and k together and RMSNorm is PyTorch's fused kernel: on a CPU a decode step is a few hundred small
+calls around weight-streaming GEMVs, so every call saved is time saved (docs/engine-decode.md).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -31,8 +31,7 @@ import torch.nn.functional as F
 
 from swiftkv.engine.block_manager import contiguous_start, slot_ids
 from swiftkv.engine.quantized import fuse_projections
-from swiftkv.engine.sequence import Sequence
-from swiftkv.models.swiftkv import apply_rotary_to_states
+from swiftkv.engine.sequence import Chunk
 
 
 @contextmanager
@@ -47,28 +46,66 @@ def onednn(enabled: bool):
 
 
 @dataclass
-class Batch:
-    """Tokens to run and where their K/V go / come from.
+class QueryRows:
+    """Tokens that are each a sequence's only query in the batch (decode tokens; in SwiftKV's layers `>= l`,
+    every token that gives logits), attending over their own contexts of `lengths` keys.
 
-    input_ids, positions: `[batch, tokens]`; write_slots: `[batch * tokens]` cache slots of those tokens;
-    read_slots: `[batch, kv_length]` slots each row attends to; attention_mask: `[batch, 1, tokens, kv_length]`,
-    or None when plain causal attention is exact (one row whose keys start at its first query position 0,
-    or a single query that sees every key) so the fused kernel runs without a mask.
-    """
+    in_place_starts: each row's first slot when every row's context is one slot range read in place (fused
+    SDPA, row by row); else read_slots `[rows, T]` (padded) are gathered for one batched attention, with
+    mask `[rows, T]` over the padding (None for one row)."""
+
+    lengths: list[int]
+    in_place_starts: Optional[list[int]] = None
+    read_slots: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+@dataclass
+class PromptSpan:
+    """A prompt chunk of several queries: packed tokens `[first, first + count)` at positions
+    `[keys - count, keys)`, attending causally over the sequence's first `keys` tokens, read in place from
+    `in_place_start` or gathered from `read_slots` `[keys]`; mask `[count, keys]`, None when the chunk starts
+    the prompt (plain causal attention)."""
+
+    first: int
+    count: int
+    keys: int
+    in_place_start: Optional[int]
+    read_slots: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
+
+
+@dataclass
+class Batch:
+    """One forward's tokens, packed: the single-query tokens first (`rows`), then the prompt spans.
+
+    input_ids, positions, write_slots: `[tokens]`; logit_tokens: which tokens give logits (None: all of them);
+    upper_rows: SwiftKV's layers `>= l`, the logit tokens as single queries."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     write_slots: torch.Tensor
-    read_slots: torch.Tensor
-    attention_mask: Optional[torch.Tensor]
-    wants_logits: bool = True      # False for a prefill chunk that does not end the prompt
-    contiguous_start: Optional[int] = None  # one decode row read in place: read_slots are `start, start + 1, ...`
+    rows: QueryRows
+    spans: list[PromptSpan] = field(default_factory=list)
+    logit_tokens: Optional[torch.Tensor] = None
+    upper_rows: Optional[QueryRows] = None
+
+    @property
+    def wants_logits(self) -> bool:
+        return self.logit_tokens is None or self.logit_tokens.numel() > 0
 
 
-# One decode row reads its contiguous slots in place (fused SDPA) up to this many keys; beyond, gathering them
-# for two matmuls is faster on CPU (benchmarks/decode_attention.py: 88 vs 105 us per layer at 1024 keys,
-# 214 vs 159 at 2048).
+# One row reads its contiguous slots in place through the fused SDPA kernel up to this many keys; beyond,
+# gathering them for two matmuls is faster on CPU (benchmarks/decode_attention.py: 88 vs 105 us per layer at
+# 1024 keys, 214 vs 159 at 2048), as the kernel parallelizes over only the KV heads.
 IN_PLACE_ATTENTION_MAX_KEYS = 1024
+# Several rows gather their keys into one padded batch up to this many keys in all; beyond, reading each row in
+# place, one after the other, is faster (decode_attention.py: 8 rows of 512 keys gathered 286 us per layer,
+# 8 of 1024 gathered 2,977 against ~900 row by row).
+GATHERED_ROWS_MAX_KEYS = 4096
 
 # Rotary embeddings whose frequencies change with the sequence length: K/V cached at one length would be
 # rotated differently from what transformers computes over the whole sequence.
@@ -137,48 +174,132 @@ class ModelRunner:
         has_bias = projections[0].bias is not None
         return weight, torch.cat([p.bias.detach() for p in projections]) if has_bias else None
 
-    def _project(self, linear, states: torch.Tensor, heads: int) -> torch.Tensor:
-        return linear(states).view(*states.shape[:-1], heads, self.head_dim)
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _attend(self, query: torch.Tensor, entry: int, batch: Batch, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """query `[b, n, heads, d]` over the cache slots of each row -> `[b, n, heads * d]`."""
-        if batch.contiguous_start is not None:
-            return self._attend_in_place(query, entry, batch.contiguous_start, batch.read_slots.shape[1])
-        keys = self._read(self.k_cache, "k_scale", entry, batch.read_slots)  # [kv_heads, b, T, d]
-        values = self._read(self.v_cache, "v_scale", entry, batch.read_slots)
-        if query.shape[1] == 1:
-            with onednn(enabled=True):
-                return self._attend_one_query(query, keys, values, mask)
-        keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [b, kv_heads, T, d]
-        causal = mask is None
-        output = F.scaled_dot_product_attention(query.transpose(1, 2), keys, values, attn_mask=mask,
-                                                is_causal=causal, scale=self.scaling, enable_gqa=True)
-        return output.transpose(1, 2).reshape(*query.shape[:2], -1)
+    def _slots(self, sequence, start: int, end: int) -> torch.Tensor:
+        return slot_ids(sequence.block_table, self.block_size, start, end).to(self.device)
+
+    # A step's chunks -> one packed batch
+
+    def run(self, chunks: list[Chunk]) -> list[Optional[torch.Tensor]]:
+        """Run a step's chunks (their blocks reserved) in one forward: the logits `[vocab]` of each chunk that
+        ends its sequence, None for a chunk that ends mid-prompt."""
+        order = sorted(range(len(chunks)), key=lambda i: len(chunks[i]) > 1)  # single queries first, stable
+        logits = self.forward(self._batch([chunks[i] for i in order]))
+        results: list[Optional[torch.Tensor]] = [None] * len(chunks)
+        for row, index in enumerate(i for i in order if chunks[i].wants_logits):
+            results[index] = logits[row]
+        return results
+
+    def _batch(self, chunks: list[Chunk]) -> Batch:
+        """`chunks` with the single-token ones first -> the packed `Batch`."""
+        singles = [chunk for chunk in chunks if len(chunk) == 1]
+        spans, first = [], len(singles)
+        for chunk in chunks[len(singles):]:
+            spans.append(self._prompt_span(chunk, first))
+            first += len(chunk)
+        wanting = [chunk for chunk in chunks if chunk.wants_logits]
+        ends = torch.tensor([len(chunk) for chunk in chunks]).cumsum(0)
+        all_want_logits = len(wanting) == len(chunks) == len(singles)
+        rows = self._query_rows([(chunk.sequence, chunk.end) for chunk in singles])
+        upper_rows = None
+        if self.swiftkv:
+            upper_rows = rows if all_want_logits else \
+                self._query_rows([(chunk.sequence, chunk.end) for chunk in wanting])
+        return Batch(
+            input_ids=self._tensor([t for chunk in chunks for t in chunk.sequence.token_ids[chunk.start:chunk.end]]),
+            positions=self._tensor([p for chunk in chunks for p in range(chunk.start, chunk.end)]),
+            write_slots=torch.cat([self._slots(chunk.sequence, chunk.start, chunk.end) for chunk in chunks]),
+            rows=rows,
+            spans=spans,
+            logit_tokens=None if all_want_logits else
+            (ends - 1)[torch.tensor([chunk.wants_logits for chunk in chunks])].to(self.device),
+            upper_rows=upper_rows,
+        )
+
+    def _query_rows(self, contexts: list[tuple]) -> QueryRows:
+        """(sequence, keys) of single-query rows -> how they attend: in place row by row when every row's slots
+        are one range and that is the faster way (see the thresholds above), else gathered as one batch."""
+        lengths = [keys for _, keys in contexts]
+        one = len(contexts) == 1
+        if contexts and not self.quantized and (
+                lengths[0] <= IN_PLACE_ATTENTION_MAX_KEYS if one else sum(lengths) > GATHERED_ROWS_MAX_KEYS):
+            starts = [contiguous_start(sequence.block_table, self.block_size, keys) for sequence, keys in contexts]
+            if None not in starts:
+                return QueryRows(lengths, in_place_starts=starts)
+        if not contexts:
+            return QueryRows([])
+        read = torch.nn.utils.rnn.pad_sequence([self._slots(s, 0, keys) for s, keys in contexts], batch_first=True)
+        mask = None if one else torch.arange(read.shape[1], device=self.device)[None, :] < self._tensor(lengths)[:, None]
+        return QueryRows(lengths, read_slots=read, mask=mask)
+
+    def _prompt_span(self, chunk: Chunk, first: int) -> PromptSpan:
+        sequence, keys = chunk.sequence, chunk.end
+        start = None if self.quantized else contiguous_start(sequence.block_table, self.block_size, keys)
+        mask = None
+        if chunk.start > 0:  # earlier chunks' keys: all visible; this chunk's: causal
+            positions = torch.arange(chunk.start, chunk.end, device=self.device)
+            mask = torch.arange(keys, device=self.device)[None, :] <= positions[:, None]
+        return PromptSpan(first, len(chunk), keys, start, None if start is not None else self._slots(sequence, 0, keys),
+                          mask)
+
+    # Attention
+
+    def _attend(self, query: torch.Tensor, entry: int, rows: QueryRows, spans: list[PromptSpan]) -> torch.Tensor:
+        """query `[tokens, heads, d]` (single-query rows first, then the spans' tokens) -> `[tokens, heads * d]`."""
+        parts = [self._attend_rows(query[:len(rows)], entry, rows)] if len(rows) else []
+        parts += [self._attend_span(query[span.first:span.first + span.count], entry, span) for span in spans]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _attend_rows(self, query: torch.Tensor, entry: int, rows: QueryRows) -> torch.Tensor:
+        if rows.in_place_starts is not None:
+            parts = [self._attend_in_place(query[row], entry, start, length)
+                     for row, (start, length) in enumerate(zip(rows.in_place_starts, rows.lengths))]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        keys = self._read(self.k_cache, "k_scale", entry, rows.read_slots)  # [kv_heads, b, T, d]
+        values = self._read(self.v_cache, "v_scale", entry, rows.read_slots)
+        with onednn(enabled=True):
+            return self._attend_one_query(query, keys, values, rows.mask)
 
     def _attend_in_place(self, query: torch.Tensor, entry: int, start: int, length: int) -> torch.Tensor:
-        """One decode row whose context is the contiguous slots `[start, start + length)`: the fused SDPA
-        kernel reads K/V straight from the cache (no gather), with the KV heads as its batch."""
-        heads, head_dim = query.shape[2], self.head_dim
+        """One query `[heads, d]` over the contiguous slots `[start, start + length)`: the fused SDPA kernel reads
+        K/V straight from the cache (no gather), with the KV heads as its batch -> `[1, heads * d]`."""
+        heads, head_dim = query.shape[0], self.head_dim
         grouped = query.reshape(self.num_kv_heads, 1, heads // self.num_kv_heads, head_dim)
         keys = self.k_cache[entry, :, start:start + length].unsqueeze(1)  # [kv_heads, 1, T, d], a view
         values = self.v_cache[entry, :, start:start + length].unsqueeze(1)
         output = F.scaled_dot_product_attention(grouped, keys, values, scale=self.scaling)
-        return output.reshape(1, 1, heads * head_dim)
+        return output.reshape(1, heads * head_dim)
 
     def _attend_one_query(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                           mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Decode attention as two small matmuls over the query heads that share a KV head, for a batch of
-        rows (padded, masked) or a row whose slots are scattered. keys/values: `[kv_heads, b, T, d]`, so both
-        matmuls run over contiguous (head, row) batches (`benchmarks/decode_attention.py` compares the
-        kernels)."""
-        rows, _, heads, head_dim = query.shape
+        """Single-query rows `[b, heads, d]` as two small matmuls over the query heads that share a KV head.
+        keys/values: `[kv_heads, b, T, d]` (gathered, padded), so both matmuls run over contiguous (head, row)
+        batches (`benchmarks/decode_attention.py` compares the kernels)."""
+        rows, heads, head_dim = query.shape
         grouped = query.reshape(rows, self.num_kv_heads, heads // self.num_kv_heads, head_dim).transpose(0, 1)
         scores = torch.matmul(grouped, keys.transpose(-1, -2)) * self.scaling  # [kv_heads, b, group, T]
         if mask is not None:
             scores = scores.masked_fill(~mask.reshape(1, rows, 1, -1), float("-inf"))
         probabilities = torch.softmax(scores.float(), dim=-1).to(values.dtype)
         output = torch.matmul(probabilities, values)  # [kv_heads, b, group, d]
-        return output.transpose(0, 1).reshape(rows, 1, heads * head_dim)
+        return output.transpose(0, 1).reshape(rows, heads * head_dim)
+
+    def _attend_span(self, query: torch.Tensor, entry: int, span: PromptSpan) -> torch.Tensor:
+        """A prompt chunk's queries `[n, heads, d]`, causal over its sequence's first `span.keys` keys."""
+        if span.in_place_start is not None:
+            start, end = span.in_place_start, span.in_place_start + span.keys
+            keys, values = self.k_cache[entry, None, :, start:end], self.v_cache[entry, None, :, start:end]
+        else:
+            keys = self._read(self.k_cache, "k_scale", entry, span.read_slots[None]).transpose(0, 1)
+            values = self._read(self.v_cache, "v_scale", entry, span.read_slots[None]).transpose(0, 1)
+        mask = None if span.mask is None else span.mask[None, None]
+        output = F.scaled_dot_product_attention(query.transpose(0, 1)[None], keys, values, attn_mask=mask,
+                                                is_causal=mask is None, scale=self.scaling, enable_gqa=True)
+        return output[0].transpose(0, 1).reshape(span.count, -1)
+
+    # The cache
 
     def _read(self, cache: torch.Tensor, scale_name: str, entry: int, slots: torch.Tensor) -> torch.Tensor:
         """K or V of `slots` `[b, T]` -> `[kv_heads, b, T, d]` (padding slots read whatever is there)."""
@@ -189,32 +310,41 @@ class ModelRunner:
         return states.view(self.num_kv_heads, *slots.shape, self.head_dim)
 
     def _write(self, entries: slice, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """K/V `[b, n, len(entries), kv_heads, d]` of the tokens at `slots` `[b * n]` into cache `entries`."""
+        """K/V `[tokens, len(entries), kv_heads, d]` of the tokens at `slots` `[tokens]` into cache `entries`."""
         for cache, scale_name, states in ((self.k_cache, "k_scale", keys), (self.v_cache, "v_scale", values)):
-            states = states.flatten(0, 1).permute(1, 2, 0, 3)  # [entries, kv_heads, b * n, d]
+            states = states.permute(1, 2, 0, 3)  # [entries, kv_heads, tokens, d]
             if self.quantized:
                 scale = states.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
                 getattr(self, scale_name)[entries].index_copy_(2, slots, scale.to(self.dtype))
                 states = (states / scale).round().clamp(-127, 127).to(torch.int8)
             cache[entries].index_copy_(2, slots, states)
 
-    def _layer(self, index: int, hidden: torch.Tensor, rope: tuple, batch: Batch, mask: Optional[torch.Tensor],
-               write_slots: Optional[torch.Tensor]) -> torch.Tensor:
-        """One decoder layer. `write_slots=None`: a SwiftKV layer, whose K/V the single input already wrote."""
+    # Layers
+
+    @staticmethod
+    def _norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's RMSNorm (float32 statistics, scaled in the model's dtype) as one fused kernel."""
+        normed = F.rms_norm(hidden.float(), norm.weight.shape, eps=norm.variance_epsilon)
+        return norm.weight * normed.to(hidden.dtype)
+
+    def _layer(self, index: int, hidden: torch.Tensor, rope: tuple, batch: Batch, rows: QueryRows,
+               spans: list[PromptSpan]) -> torch.Tensor:
+        """One decoder layer over packed tokens `hidden` `[tokens, hidden]`. Layers `< l` write their K/V; a
+        SwiftKV layer only reads its group's, which SingleInputKV wrote."""
         layer = self.decoder.layers[index]
         attention = layer.self_attn
-        normed = layer.input_layernorm(hidden)
-        if write_slots is None:
-            query = self._project(attention.q_proj_swiftkv, normed, self.num_heads)
-        else:
-            projected = self._project(attention.qkv_proj, normed, self.num_heads + 2 * self.num_kv_heads)
-            query, keys, values = projected.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
-            keys = apply_rotary_to_states(keys.transpose(1, 2), *rope)
-            entry = self.kv_entry[index]
-            self._write(slice(entry, entry + 1), write_slots, keys.transpose(1, 2).unsqueeze(2), values.unsqueeze(2))
-        query = apply_rotary_to_states(query.transpose(1, 2), *rope)
-        hidden = hidden + attention.o_proj(self._attend(query.transpose(1, 2), self.kv_entry[index], batch, mask))
-        return hidden + self._mlp(layer, layer.post_attention_layernorm(hidden))
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        writes = index < self.num_full_layers
+        normed = self._norm(layer.input_layernorm, hidden)
+        projected = (attention.qkv_proj if writes else attention.q_proj_swiftkv)(normed)
+        projected = projected.view(hidden.shape[0], -1, self.head_dim)
+        rotated = _rope(projected[:, :heads + kv_heads] if writes else projected, *rope)  # q and k at once
+        entry = self.kv_entry[index]
+        if writes:
+            self._write(slice(entry, entry + 1), batch.write_slots, rotated[:, None, heads:],
+                        projected[:, None, heads + kv_heads:])
+        hidden = hidden + attention.o_proj(self._attend(rotated[:, :heads], entry, rows, spans))
+        return hidden + self._mlp(layer, self._norm(layer.post_attention_layernorm, hidden))
 
     @staticmethod
     def _mlp(layer, normed: torch.Tensor) -> torch.Tensor:
@@ -224,94 +354,17 @@ class ModelRunner:
     def _write_single_input_kv(self, hidden: torch.Tensor, rope: tuple, write_slots: torch.Tensor) -> None:
         """SingleInputKV + AcrossKV: K/V of every group from `norm_swiftkv(hidden)` (layer l-1's output), as one
         matmul over the groups' stacked projections, written to the groups' consecutive cache entries."""
-        rows, tokens = hidden.shape[:2]
-        groups = len(self.group_leaders)
+        tokens, groups = hidden.shape[0], len(self.group_leaders)
         projected = F.linear(self.decoder.norm_swiftkv(hidden), *self.single_input_kv)
-        projected = projected.view(rows, tokens, groups, 2, self.num_kv_heads, self.head_dim)
-        keys = projected[:, :, :, 0].reshape(rows, tokens, groups * self.num_kv_heads, self.head_dim)
-        keys = apply_rotary_to_states(keys.transpose(1, 2), *rope).transpose(1, 2)
+        projected = projected.view(tokens, groups, 2, self.num_kv_heads, self.head_dim)
+        keys = _rope(projected[:, :, 0].reshape(tokens, groups * self.num_kv_heads, self.head_dim), *rope)
         first = self.kv_entry[self.group_leaders[0]]
         self._write(slice(first, first + groups), write_slots,
-                    keys.view(rows, tokens, groups, self.num_kv_heads, self.head_dim), projected[:, :, :, 1])
-
-    def _tensor(self, values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
-
-    def _slots(self, sequence: Sequence, start: int, end: int) -> torch.Tensor:
-        return slot_ids(sequence.block_table, self.block_size, start, end).to(self.device)
-
-    def prefill(self, sequence: Sequence, start: int, end: int) -> Optional[torch.Tensor]:
-        """Run prompt tokens `[start, end)` of `sequence` (its blocks reserved); the logits `[1, vocab]` of the
-        prompt's last token when this chunk ends the prompt, else None."""
-        positions = torch.arange(start, end, device=self.device)
-        keys = torch.arange(end, device=self.device)
-        return self.forward(Batch(
-            input_ids=self._tensor(sequence.token_ids[start:end])[None],
-            positions=positions[None],
-            write_slots=self._slots(sequence, start, end),
-            read_slots=self._slots(sequence, 0, end)[None],
-            attention_mask=None if start == 0 else (keys[None, :] <= positions[:, None])[None, None],
-            wants_logits=end == len(sequence),
-        ))
-
-    def decode(self, sequences: list[Sequence]) -> torch.Tensor:
-        """Logits `[b, vocab]` of one new token for each sequence (its last token run through every layer)."""
-        lengths = [len(s) for s in sequences]
-        read = torch.nn.utils.rnn.pad_sequence([self._slots(s, 0, len(s)) for s in sequences], batch_first=True)
-        single = len(sequences) == 1
-        in_place = single and not self.quantized and lengths[0] <= IN_PLACE_ATTENTION_MAX_KEYS
-        return self.forward(Batch(
-            input_ids=self._tensor([[s.token_ids[-1]] for s in sequences]),
-            positions=self._tensor([[n - 1] for n in lengths]),
-            write_slots=read[torch.arange(len(sequences)), torch.tensor(lengths) - 1],
-            read_slots=read,
-            attention_mask=None if single else
-            (torch.arange(read.shape[1], device=self.device)[None, :] < self._tensor(lengths)[:, None])[:, None, None],
-            contiguous_start=contiguous_start(sequences[0].block_table, self.block_size, lengths[0]) if in_place
-            else None,
-        ))
-
-    @staticmethod
-    def _norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """The checkpoint's RMSNorm (float32 statistics, scaled in the model's dtype) as one fused kernel."""
-        normed = F.rms_norm(hidden.float(), norm.weight.shape, eps=norm.variance_epsilon)
-        return norm.weight * normed.to(hidden.dtype)
-
-    def _decode_layer(self, index: int, hidden: torch.Tensor, rope: tuple, batch: Batch) -> torch.Tensor:
-        """One layer for one token per row, `hidden` `[b, hidden]`. Layers `< l` write their K/V; a SwiftKV
-        layer only reads its group's, which SingleInputKV wrote."""
-        layer = self.decoder.layers[index]
-        attention = layer.self_attn
-        rows, heads, kv_heads = hidden.shape[0], self.num_heads, self.num_kv_heads
-        writes = index < self.num_full_layers
-        normed = self._norm(layer.input_layernorm, hidden)
-        projected = (attention.qkv_proj if writes else attention.q_proj_swiftkv)(normed)
-        projected = projected.view(rows, -1, self.head_dim)
-        rotated = _rope(projected[:, :heads + kv_heads] if writes else projected, *rope)  # q and k at once
-        entry = self.kv_entry[index]
-        if writes:
-            self._write(slice(entry, entry + 1), batch.write_slots, rotated[:, None, None, heads:],
-                        projected[:, None, None, heads + kv_heads:])
-        attended = self._attend(rotated[:, None, :heads], entry, batch, batch.attention_mask)
-        hidden = hidden + attention.o_proj(attended[:, 0])
-        return hidden + self._mlp(layer, self._norm(layer.post_attention_layernorm, hidden))
-
-    def _decode(self, batch: Batch) -> torch.Tensor:
-        """Logits `[b, vocab]` of one new token per row."""
-        hidden = self.decoder.embed_tokens(batch.input_ids[:, 0])
-        cos, sin = self.decoder.rotary_emb(hidden, batch.positions)
-        rope = (cos[:, 0, None], _signed_sin(sin[:, 0, None]))  # [b, 1, d], broadcast over heads
-        for index in range(self.num_full_layers):
-            hidden = self._decode_layer(index, hidden, rope, batch)
-        if self.swiftkv:
-            self._write_single_input_kv(hidden[:, None], (cos, sin), batch.write_slots)
-            for index in range(self.num_full_layers, self.num_layers):
-                hidden = self._decode_layer(index, hidden, rope, batch)
-        return self.model.lm_head(self._norm(self.decoder.norm, hidden)).float()
+                    keys.view(tokens, groups, self.num_kv_heads, self.head_dim), projected[:, :, 1])
 
     @torch.inference_mode()
     def forward(self, batch: Batch) -> Optional[torch.Tensor]:
-        """Logits `[batch, vocab]` of each row's last token, or None for a prefill chunk mid-prompt.
+        """Logits `[logit tokens, vocab]`, or None when no token of the batch wants them.
 
         One token of one sequence is a chain of matrix-vector products that only stream weights; oneDNN's
         bf16 GEMV reads them at well under half the memory bandwidth that ATen's own GEMV reaches on CPU
@@ -319,26 +372,23 @@ class ModelRunner:
         """
         single_token = batch.input_ids.numel() == 1 and self.device.type == "cpu"
         with onednn(enabled=not single_token):
-            return self._decode(batch) if batch.input_ids.shape[1] == 1 and batch.wants_logits \
-                else self._forward(batch)
+            return self._forward(batch)
 
     def _forward(self, batch: Batch) -> Optional[torch.Tensor]:
-        hidden = self.decoder.embed_tokens(batch.input_ids)
-        rope = self.decoder.rotary_emb(hidden, batch.positions)
+        hidden = self.decoder.embed_tokens(batch.input_ids)  # [tokens, hidden]
+        cos, sin = self.decoder.rotary_emb(hidden[None], batch.positions[None])
+        rope = (cos[0, :, None], _signed_sin(sin[0, :, None]))  # [tokens, 1, d], broadcast over heads
         for index in range(self.num_full_layers):
-            hidden = self._layer(index, hidden, rope, batch, batch.attention_mask, batch.write_slots)
+            hidden = self._layer(index, hidden, rope, batch, batch.rows, batch.spans)
         if self.swiftkv:
             self._write_single_input_kv(hidden, rope, batch.write_slots)
-            if not batch.wants_logits:
-                return None  # the SwiftKV saving: mid-prompt chunks never touch layers >= l
-            hidden = hidden[:, -1:]
-            rope = tuple(t[:, -1:] for t in rope)
-            mask = None if batch.attention_mask is None else batch.attention_mask[:, :, -1:]
-            for index in range(self.num_full_layers, self.num_layers):
-                hidden = self._layer(index, hidden, rope, batch, mask, None)
-        elif not batch.wants_logits:
-            return None
-        return self.model.lm_head(self.decoder.norm(hidden[:, -1])).float()
+        if not batch.wants_logits:
+            return None  # the SwiftKV saving: mid-prompt chunks never touch layers >= l
+        if batch.logit_tokens is not None:
+            hidden, rope = hidden[batch.logit_tokens], tuple(t[batch.logit_tokens] for t in rope)
+        for index in range(self.num_full_layers, self.num_layers):
+            hidden = self._layer(index, hidden, rope, batch, batch.upper_rows, [])
+        return self.model.lm_head(self._norm(self.decoder.norm, hidden)).float()
 
 
 def _signed_sin(sin: torch.Tensor) -> torch.Tensor:

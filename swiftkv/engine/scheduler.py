@@ -1,36 +1,38 @@
-"""Continuous batching: each step decodes every running sequence and advances one prompt by a chunk.
+"""Continuous batching: each step runs the new token of every decoding sequence and prompt chunks of as many
+waiting prompts as `max_prefill_tokens` allows, all in one forward (`ScheduledStep.chunks`), so a long prompt
+arriving slows the running streams by one shared step instead of stalling them behind its own forwards.
 
-Memory runs out -> the newest running sequence is preempted: its blocks are freed and it goes back to
-the front of the queue, to be prefilled again (prompt + tokens so far) when memory frees up. Nothing is
-lost and nothing crashes; a request that cannot fit even alone is rejected when it is added.
+A prompt is admitted (FIFO) when its blocks fit: the whole prompt, and with `reserve_output_tokens` (the
+default) also its `max_tokens`, so an admitted sequence never waits for memory and preemption never happens:
+recomputing a 2k-token prompt costs seconds on a CPU, far more than the concurrency that optimistic admission
+gains. Reserving at admission also gives the sequence one run of consecutive blocks when there is one, so
+attention reads its K/V in place.
 
-With `reserve_output_tokens` (the default) a new prompt is admitted only while every admitted sequence can
-still grow to its `max_tokens`, so preemption never happens: recomputing a 2k-token prompt costs seconds
-on a CPU, far more than the concurrency that optimistic admission gains.
+Without the reservation, a decoding sequence that finds no free block preempts the newest running one: its
+blocks are freed and it goes back to the front of the queue, to be prefilled again (prompt + tokens so far)
+when memory frees up. Nothing is lost and nothing crashes; a request that cannot fit even alone is rejected
+when it is added.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
 
 from swiftkv.engine.block_manager import BlockManager
 from swiftkv.engine.config import EngineConfig
-from swiftkv.engine.sequence import Sequence, Status
+from swiftkv.engine.sequence import Chunk, Sequence, Status
 
 
 @dataclass
 class ScheduledStep:
-    prefill: Optional[Sequence] = None
-    prefill_range: tuple[int, int] = (0, 0)
-    decode: list[Sequence] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)  # decode tokens first, then prompt chunks
 
 
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager, eos_token_ids: set[int]):
         self.config, self.blocks, self.eos_token_ids = config, block_manager, eos_token_ids
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: deque[Sequence] = deque()  # prompts not yet (fully) prefilled; admitted ones hold blocks
         self.running: list[Sequence] = []
 
     def add(self, sequence: Sequence) -> None:
@@ -53,27 +55,39 @@ class Scheduler:
                 self._preempt(self.running[-1])
             if sequence in self.running:
                 self.blocks.reserve(sequence, len(sequence))
-                step.decode.append(sequence)
-        if self.waiting and len(self.running) < self.config.max_num_seqs:
-            sequence = self.waiting[0]
+                step.chunks.append(Chunk(sequence, len(sequence) - 1, len(sequence)))
+        budget, admitting = self.config.max_prefill_tokens, True
+        for sequence in list(self.waiting):
+            if budget == 0:
+                break
+            if not sequence.block_table:  # not admitted yet: in order of arrival, while they fit
+                admitting = admitting and self._num_admitted() < self.config.max_num_seqs and self._admit(sequence)
+                if not admitting:
+                    continue  # admitted prompts further back still get their chunks
             start = sequence.num_cached_tokens
-            end = min(len(sequence), start + self.config.max_prefill_tokens)
-            if self._admits(sequence) and self.blocks.can_reserve(sequence, end):
-                self.blocks.reserve(sequence, end)
-                step.prefill, step.prefill_range = sequence, (start, end)
+            end = min(len(sequence), start + budget)
+            step.chunks.append(Chunk(sequence, start, end))
+            budget -= end - start
         return step
 
-    def _admits(self, sequence: Sequence) -> bool:
-        """Room for `sequence` and every running sequence to reach prompt + max_tokens (or nothing runs)."""
-        if not self.config.reserve_output_tokens or not self.running:
-            return True
-        admitted = [*self.running, sequence]
-        needed = sum(self.blocks.blocks_needed(s, s.num_prompt_tokens + s.params.max_tokens) for s in admitted)
-        return needed <= len(self.blocks.free_blocks)
+    def _num_admitted(self) -> int:
+        return len(self.running) + sum(bool(sequence.block_table) for sequence in self.waiting)
 
-    def prefill_done(self, sequence: Sequence, end: int) -> None:
-        sequence.num_cached_tokens = end
-        if end == len(sequence):
+    def _admit(self, sequence: Sequence) -> bool:
+        """Reserve the blocks of the whole prompt (+ max_tokens with `reserve_output_tokens`), or say no."""
+        tokens = len(sequence)
+        if self.config.reserve_output_tokens:
+            tokens = max(tokens, sequence.num_prompt_tokens + sequence.params.max_tokens)
+        if not self.blocks.can_reserve(sequence, tokens):
+            return False
+        self.blocks.reserve(sequence, tokens)
+        return True
+
+    def ran(self, chunk: Chunk) -> None:
+        """`chunk`'s K/V are in the cache; a prompt whose last chunk ran starts decoding."""
+        sequence = chunk.sequence
+        sequence.num_cached_tokens = chunk.end
+        if sequence.status is Status.WAITING and chunk.end == len(sequence):
             self.waiting.remove(sequence)
             sequence.status = Status.RUNNING
             self.running.append(sequence)

@@ -22,7 +22,7 @@ class Status(Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared by identity
 class Sequence:
     token_ids: list[int]
     params: SamplingParams
@@ -57,3 +57,20 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens `[start, end)` of a sequence to run in one step: part of a prompt, or the one new token of a
+    decoding sequence (`[len - 1, len)`). Its logits are wanted only when it ends the sequence."""
+
+    sequence: Sequence
+    start: int
+    end: int
+
+    @property
+    def wants_logits(self) -> bool:
+        return self.end == len(self.sequence)
+
+    def __len__(self) -> int:
+        return self.end - self.start
