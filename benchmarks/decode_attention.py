@@ -4,7 +4,10 @@ For one query token per row over contexts of `--contexts` keys (SmolLM2-135M's h
 KV heads of 64, bf16), in a cache laid out as the engine's (`[kv_heads, slots, head_dim]` per layer):
   gather + matmuls   `index_select` of the row's slots, then two small matmuls (oneDNN), the batch path;
   in place, SDPA     PyTorch's fused SDPA kernel on a view of the row's contiguous slots, no copy;
-  batch of rows      `--rows` rows of the same length: gather + matmuls, or SDPA with a padding mask.
+  batch of rows      `--rows` rows of the same length: gather + matmuls, SDPA with a padding mask, or each
+                     row in place one after the other (the engine's choice above GATHERED_ROWS_MAX_KEYS);
+  keys split         one row in place with its keys split in two halves the kernel runs in parallel, merged
+                     by their log-sum-exp (flash-decoding), to use both cores.
 Each cache read covers a different layer's slots per call, so timings include reading K/V from memory, as a
 decode step does. Writes JSON and a PNG.
 """
@@ -74,12 +77,27 @@ def main() -> None:
                 return F.scaled_dot_product_attention(queries.transpose(0, 1), keys.transpose(0, 1),
                                                       vals.transpose(0, 1), attn_mask=mask, scale=scale)
 
+            def rows_in_place(layer):
+                return [F.scaled_dot_product_attention(queries[:, r, None], cache[layer, :, None, s:s + context],
+                                                       values[layer, :, None, s:s + context], scale=scale)
+                        for r, s in enumerate(range(0, args.rows * longest, longest))]
+
+            def split_keys(layer):
+                keys = cache[layer, :, :context].reshape(KV_HEADS, 2, context // 2, HEAD_DIM)
+                vals = values[layer, :, :context].reshape(KV_HEADS, 2, context // 2, HEAD_DIM)
+                output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    query.expand(KV_HEADS, 2, GROUP, HEAD_DIM), keys, vals, scale=scale)
+                return (output * torch.softmax(logsumexp, dim=1).unsqueeze(-1).to(output.dtype)).sum(1, keepdim=True)
+
             torch.testing.assert_close(in_place(0), gather_matmuls(0), atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(split_keys(0), in_place(0), atol=2e-2, rtol=2e-2)
             row = {"one row, gather + matmuls": timed(gather_matmuls, args.repeats),
                    "one row, in place (SDPA)": timed(in_place, args.repeats),
                    f"{args.rows} rows, gather + matmuls": timed(
                        lambda layer: gather_matmuls(layer, row_slots, queries), args.repeats),
-                   f"{args.rows} rows, gather + SDPA with mask": timed(batch_sdpa, args.repeats)}
+                   f"{args.rows} rows, gather + SDPA with mask": timed(batch_sdpa, args.repeats),
+                   f"{args.rows} rows, each in place (SDPA)": timed(rows_in_place, args.repeats),
+                   "one row, in place, keys split in 2": timed(split_keys, args.repeats)}
             results["microseconds_per_layer"][context] = row
             print(context, {name: round(value, 1) for name, value in row.items()}, flush=True)
     out = Path(args.out)

@@ -24,12 +24,12 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from swiftkv.convert import convert_to_swiftkv
 from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
 from swiftkv.engine.llm_engine import request_output
+from swiftkv.engine.measure import engine_ttft, poisson_arrivals, serve_engine, throughput_metrics
 from swiftkv.engine.quantized import WEIGHT_FORMATS
 from swiftkv.eval.data import data_file
 from swiftkv.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model_source
@@ -38,16 +38,6 @@ from swiftkv.plotting import png_figure
 import llamacpp
 from prefill import device_name
 from shapes import SHAPES, random_model, swiftkv_layer_counts
-
-
-def engine_ttft(engine: LLMEngine, prompt: list[int], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        sequence = engine.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
-        while engine.has_unfinished():
-            engine.step()
-        times.append(request_output(sequence).ttft_s)
-    return statistics.median(times)
 
 
 def greedy_token(output) -> torch.Tensor:
@@ -115,27 +105,6 @@ def llamacpp_row(system: str, args, text_ids: list[int]) -> dict:
             "e2e_s": runner.generate(text_ids[:args.e2e[0]], args.e2e[1])[1][-1]}
 
 
-def summarize(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "median": float(np.median(values)), "p99": float(np.percentile(values, 99))}
-
-
-def serve_engine(engine: LLMEngine, prompts: list[list[int]], arrivals: list[float], output_len: int) -> dict:
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
-    sequences, pending, start = [], list(zip(arrivals, prompts)), time.perf_counter()
-    while pending or engine.has_unfinished():
-        now = time.perf_counter() - start
-        while pending and pending[0][0] <= now:
-            arrival, prompt = pending.pop(0)
-            sequence = engine.add_request(prompt, params)
-            sequence.arrival_time = start + arrival
-            sequences.append(sequence)
-        if engine.has_unfinished():
-            engine.step()
-        elif pending:
-            time.sleep(min(0.01, pending[0][0] - now))
-    return serving_metrics(sequences, time.perf_counter() - start, output_len)
-
-
 @torch.inference_mode()
 def serve_hf(model, prompts: list[list[int]], arrivals: list[float], output_len: int) -> dict:
     """First come, first served, one request at a time (what a plain `generate` loop gives)."""
@@ -157,26 +126,7 @@ def serve_hf(model, prompts: list[list[int]], arrivals: list[float], output_len:
     tpot = [(r["token_times"][-1] - r["token_times"][0]) / (output_len - 1) for r in records]
     itl = [b - a for r in records for a, b in zip(r["token_times"], r["token_times"][1:])]
     duration = clock - arrivals[0]
-    return _metrics(ttft, tpot, itl, duration, len(prompts), sum(map(len, prompts)), output_len)
-
-
-def serving_metrics(sequences, duration: float, output_len: int) -> dict:
-    ttft = [s.first_token_time - s.arrival_time for s in sequences]
-    tpot = [(s.token_times[-1] - s.token_times[0]) / (len(s.token_times) - 1) for s in sequences]
-    itl = [b - a for s in sequences for a, b in zip(s.token_times, s.token_times[1:])]
-    result = _metrics(ttft, tpot, itl, duration, len(sequences), sum(s.num_prompt_tokens for s in sequences), output_len)
-    result["preemptions"] = sum(s.num_preemptions for s in sequences)
-    return result
-
-
-def _metrics(ttft, tpot, itl, duration, requests, input_tokens, output_len) -> dict:
-    return {"duration_s": duration, "completed": requests,
-            "request_throughput": requests / duration,
-            "output_throughput": requests * output_len / duration,
-            "total_token_throughput": (input_tokens + requests * output_len) / duration,
-            "ttft_ms": {k: 1000 * v for k, v in summarize(ttft).items()},
-            "tpot_ms": {k: 1000 * v for k, v in summarize(tpot).items()},
-            "itl_ms": {k: 1000 * v for k, v in summarize(itl).items()}}
+    return throughput_metrics(ttft, tpot, itl, duration, len(prompts), sum(map(len, prompts)), output_len)
 
 
 def main() -> None:
@@ -207,10 +157,8 @@ def main() -> None:
     else:
         base = load_model(args.model, dtype=args.dtype, device=args.device)
     text_ids = tokenizer(data_file("wikitext2_test_raw.txt").read_text()[:400_000], add_special_tokens=False).input_ids
-    rng = np.random.default_rng(0)
     serve_prompts = [text_ids[i * 997:i * 997 + args.input_len] for i in range(args.requests)]
-    arrivals = np.cumsum(rng.exponential(1 / args.request_rate, args.requests)).tolist()
-    arrivals = [a - arrivals[0] for a in arrivals]
+    arrivals = poisson_arrivals(args.requests, args.request_rate)
     layers = swiftkv_layer_counts(base.config.num_hidden_layers)
     models = {"engine-base": base, "swiftkv-g1": convert_to_swiftkv(base, layers[1], 1),
               "swiftkv-g2": convert_to_swiftkv(base, layers[2], 2)}

@@ -55,8 +55,22 @@ def _distill(args: argparse.Namespace) -> None:
 def _build(args: argparse.Namespace) -> None:
     from swiftkv.build import run_build
 
+    if args.max_quality_drop is not None:
+        return _search(args)
     run_build(args.model, args.out, args.num_key_value_layers, args.key_value_group_size, _distill_config(args),
-              resume=args.resume, eval_limit=args.eval_limit)
+              resume=args.resume, eval_limit=80 if args.eval_limit is None else args.eval_limit)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from swiftkv.loading import load_config
+    from swiftkv.search import SearchConfig, default_depths, run_search
+
+    depths = getattr(args, "depths", None) or default_depths(load_config(args.model).num_hidden_layers)
+    config = SearchConfig(depths=depths, group_sizes=getattr(args, "group_sizes", None) or [1],
+                          max_quality_drop=1.0 if args.max_quality_drop is None else args.max_quality_drop,
+                          eval_limit=500 if args.eval_limit is None else args.eval_limit or None)
+    result = run_search(args.model, args.out, config, _distill_config(args))
+    return 0 if result["chosen"] else 1  # no point within the budget: a script can tell
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -261,9 +275,26 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", default="runs/smollm2-swiftkv", help="run directory (default: %(default)s)")
     _add_layout_flags(build)
     _add_distill_config_flags(build)
-    build.add_argument("--eval-limit", type=int, default=80,
-                       help="examples per task in the final side-by-side evaluation (0 skips it)")
+    build.add_argument("--eval-limit", type=int,
+                       help="examples per task in the final side-by-side evaluation (0 skips it; default: 80, "
+                            "with --max-quality-drop 500)")
+    build.add_argument("--max-quality-drop", type=float, metavar="POINTS",
+                       help="choose l instead of --num-key-value-layers: run `swiftkv search` over the default "
+                            "depths and keep the fastest within POINTS accuracy points of the base on every task")
     build.set_defaults(run=_build)
+
+    search = commands.add_parser("search", help="quality/speed frontier over SwiftKV depths; picks the fastest "
+                                                "depth within a quality budget")
+    search.add_argument("--model", default=DEFAULT_MODEL, help="base model (default: %(default)s)")
+    search.add_argument("--out", default="runs/smollm2-search", help="search directory (default: %(default)s)")
+    search.add_argument("--depths", type=int, nargs="+",
+                        help="num_key_value_layers of each point (default: 1/3, 1/2, 2/3 and 4/5 of the layers)")
+    search.add_argument("--group-sizes", type=int, nargs="+", default=[1], help="AcrossKV group sizes to try")
+    search.add_argument("--max-quality-drop", type=float, default=1.0, metavar="POINTS",
+                        help="accuracy points any task may lose (default: %(default)s)")
+    search.add_argument("--eval-limit", type=int, default=500, help="examples per task (0: all)")
+    _add_distill_config_flags(search)
+    search.set_defaults(run=_search)
     return parser
 
 

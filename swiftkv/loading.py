@@ -146,12 +146,19 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def load_config(model: str):
+    """The `transformers` config of `model` (any source `load_model` takes), without its weights."""
+    from transformers import AutoConfig
+
+    source = resolve_model_source(model)
+    return AutoConfig.from_pretrained(source.name_or_path, gguf_file=source.gguf_file)
+
+
 def _config_eos_token_id(source: ModelSource) -> Optional[int]:
     if source.gguf_file is not None or not source.is_local:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(source.name_or_path, gguf_file=source.gguf_file)
-        eos = config.eos_token_id
+        eos = AutoConfig.from_pretrained(source.name_or_path, gguf_file=source.gguf_file).eos_token_id
     else:
         eos = json.loads((Path(source.name_or_path) / "config.json").read_text()).get("eos_token_id")
     return eos[0] if isinstance(eos, list) else eos

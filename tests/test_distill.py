@@ -16,13 +16,15 @@ from swiftkv.checkpoint import save_checkpoint
 from swiftkv.convert import convert_to_swiftkv
 from swiftkv.distill import DistillConfig, DistillTrainer
 from swiftkv.distill.checkpointing import CheckpointError
-from swiftkv.distill.corpus import teacher_corpus, teacher_fingerprint
+from swiftkv.distill import corpus, distillation_blocks, load_records
+from swiftkv.distill.contamination import drop_evaluation_text
+from swiftkv.distill.corpus import free_text_corpus, teacher_corpus, teacher_fingerprint
 from swiftkv.distill.least_squares import _AttentionReceived, _Moments, fit_single_input_key_values
 from swiftkv.distill.data import (DataError, encode_record, pack_sequences, read_records, split_records,
                                   train_eval_blocks)
 from swiftkv.distill.losses import (_CompiledWithFallback, _kl_teacher_student, hidden_state_loss,
                                    logits_distillation_loss)
-from swiftkv.distill.prompts import builtin_prompts
+from swiftkv.distill.prompts import builtin_prompts, free_text_openings
 from swiftkv.distill.trainer import DistillationModel, freeze_all_but_swiftkv
 from swiftkv.loading import load_model
 from swiftkv.models.swiftkv import swiftkv_mode
@@ -368,6 +370,67 @@ def test_more_answers_per_prompt_add_new_rounds_and_reuse_the_cached_ones(tmp_pa
     assert two[:6] == one and [r["prompt"] for r in two[6:]] == [r["prompt"] for r in one]
     assert [r["response"] for r in two[6:]] != [r["response"] for r in one]  # differently seeded answers
     assert len(list(tmp_path.glob("teacher-corpus-*.jsonl"))) == 2
+
+
+def tiny_teacher():
+    teacher = convert_to_swiftkv(make_base_model("llama"), 3, 1)
+    teacher.config.swiftkv = False
+    return teacher
+
+
+def test_free_text_continues_built_in_openings_without_the_chat_template_and_is_cached(tmp_path, monkeypatch):
+    teacher, tokenizer = tiny_teacher(), make_tiny_tokenizer()
+    records = free_text_corpus(teacher, tokenizer, 5, max_new_tokens=4, cache_dir=tmp_path)
+    assert [r["text"][:len(o)] for r, o in zip(records, free_text_openings())] == free_text_openings()[:5]
+    assert all(set(r) == {"text"} and "<|im_start|>" not in r["text"] for r in records)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the cached texts were not reused")
+
+    monkeypatch.setattr(corpus, "sample_continuations", no_teacher)
+    assert free_text_corpus(teacher, tokenizer, 5, max_new_tokens=4, cache_dir=tmp_path) == records
+    monkeypatch.undo()
+    free_text_corpus(teacher, tokenizer, 5, max_new_tokens=6, cache_dir=tmp_path)           # other settings
+    free_text_corpus(convert_to_swiftkv(make_base_model("llama", seed=1), 3, 1), tokenizer, 5, max_new_tokens=4,
+                     cache_dir=tmp_path)                                                      # another teacher
+    assert len(list(tmp_path.glob("teacher-free-text-*.jsonl"))) == 3
+    assert not list(tmp_path.glob("teacher-corpus-*"))
+
+
+@pytest.mark.parametrize("ratio, free_texts", [(0.0, 0), (0.25, 2), (0.5, 6)])
+def test_the_free_text_ratio_is_the_share_of_raw_text_in_the_default_corpus(tmp_path, monkeypatch, ratio,
+                                                                           free_texts):
+    monkeypatch.setenv("SWIFTKV_CACHE", str(tmp_path))
+    config = DistillConfig(corpus_prompts=6, corpus_max_new_tokens=4, corpus_free_text_ratio=ratio)
+    records = load_records(["default"], tiny_teacher, make_tiny_tokenizer(), config)
+    assert config.corpus_free_texts == free_texts
+    assert sum("text" in r for r in records) == free_texts and sum("response" in r for r in records) == 6
+
+
+def test_no_evaluation_text_enters_training(tmp_path, monkeypatch):
+    """A record that copies 13 words of an evaluation set is left out of training and held-out data alike;
+    12 shared words are an ordinary phrase."""
+    passage = " ".join(f"w{i}" for i in range(40, 60))  # 20 words of the tiny vocabulary
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "lambada_openai.jsonl").write_text(json.dumps({"text": passage}) + "\n")
+    (data / "wikitext2_test_raw.txt").write_text("an unrelated article about rivers and the sea")
+    monkeypatch.setenv("SWIFTKV_DATA_DIR", str(data))
+    words = passage.split()
+    planted = {"prompt": "w1 w2", "response": "w3 " + " ".join(words[2:15]) + " w4"}
+    ordinary = {"text": "w5 " + " ".join(words[:12]) + " w6"}
+    kept, caught = drop_evaluation_text([planted, ordinary])
+    assert kept == [ordinary] and caught == {"lambada_openai.jsonl": 1}
+
+    train_file = tmp_path / "train.jsonl"
+    clean = [{"prompt": f"w{i} w{i + 1}", "response": " ".join(f"w{i + j}" for j in range(8))} for i in range(30)]
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in [planted, *clean]))
+    tokenizer = make_tiny_tokenizer()
+    records, train, held_out = distillation_blocks([str(train_file)], "unused", tokenizer,
+                                                   DistillConfig(seq_length=8, eval_fraction=0.1))
+    assert planted not in records and len(records) == 30
+    planted_ids = set(tokenizer(" ".join(words[2:15]), add_special_tokens=False).input_ids)  # not in `clean`
+    assert len(planted_ids) == 13 and not planted_ids & (set(train.flatten().tolist()) | set(held_out.flatten().tolist()))
 
 
 def test_text_file_documents_are_split_at_blank_lines_that_hold_spaces(tmp_path):

@@ -9,7 +9,8 @@ from typing import Optional
 import torch
 
 from swiftkv.distill.config import DistillConfig
-from swiftkv.distill.corpus import teacher_corpus
+from swiftkv.distill.contamination import drop_evaluation_text
+from swiftkv.distill.corpus import free_text_corpus, teacher_corpus
 from swiftkv.distill.data import DataError, load_dataset_records, read_records, train_eval_blocks
 from swiftkv.distill.trainer import DistillTrainer, TrainerState
 
@@ -21,9 +22,13 @@ def load_records(sources: list[str], teacher_for_corpus, tokenizer, config: Dist
     records = []
     for source in sources:
         if source == DEFAULT_DATA:
-            records += teacher_corpus(teacher_for_corpus(), tokenizer, num_prompts=config.corpus_prompts,
+            teacher = teacher_for_corpus()
+            records += teacher_corpus(teacher, tokenizer, num_prompts=config.corpus_prompts,
                                       max_new_tokens=config.corpus_max_new_tokens,
                                       samples_per_prompt=config.corpus_samples, seed=config.seed)
+            if config.corpus_free_texts:
+                records += free_text_corpus(teacher, tokenizer, config.corpus_free_texts,
+                                            max_new_tokens=config.corpus_max_new_tokens, seed=config.seed)
         elif source.startswith("hf:"):
             name, _, split = source[3:].partition(":")
             records += load_dataset_records(name, split or "train")
@@ -51,7 +56,10 @@ def corpus_teacher(model: str, teacher: Optional[str] = None):
 def distillation_blocks(sources: list[str], model: str, tokenizer, config: DistillConfig,
                         teacher: Optional[str] = None) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
     """Records of `sources`, and their packed training and held-out blocks (the split every run uses)."""
-    records = load_records(sources, corpus_teacher(model, teacher), tokenizer, config)
+    records, caught = drop_evaluation_text(load_records(sources, corpus_teacher(model, teacher), tokenizer, config))
+    if caught:
+        print(f"left out {sum(caught.values())} training records that share 13 words with an evaluation set: "
+              + ", ".join(f"{name} {count}" for name, count in sorted(caught.items())))
     train_blocks, eval_blocks = train_eval_blocks(records, tokenizer, config.seq_length, config.eval_fraction,
                                                   config.seed)
     return records, train_blocks, eval_blocks

@@ -26,6 +26,7 @@ class DistillConfig:
     corpus_prompts: int = 512            # default data: built-in prompts the teacher answers
     corpus_max_new_tokens: int = 128     # ... tokens per answer
     corpus_samples: int = 1              # ... answers per prompt (seeded differently)
+    corpus_free_text_ratio: float = 0.0  # share of default records that are teacher-continued raw text
     max_steps: int = 600                 # optimizer steps; the schedule spans them
     max_grad_norm: float = 1.0
     eval_every: int = 25
@@ -50,13 +51,20 @@ class DistillConfig:
             raise ValueError(f"frozen_cache_gb must be >= 0, got {self.frozen_cache_gb}")
         if self.least_squares_blocks < 0:
             raise ValueError(f"least_squares_blocks must be >= 0, got {self.least_squares_blocks}")
-        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.eval_fraction < 1:
-            raise ValueError("warmup_ratio and eval_fraction must be in [0, 1)")
+        for name in ("warmup_ratio", "eval_fraction", "corpus_free_text_ratio"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.least_squares_weighting not in WEIGHTINGS:
             raise ValueError(f"least_squares_weighting must be one of {WEIGHTINGS}, "
                              f"got {self.least_squares_weighting!r}")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise ValueError(f"mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
+
+    @property
+    def corpus_free_texts(self) -> int:
+        """Free-text records beside the chat answers, so that they are `corpus_free_text_ratio` of the two."""
+        chat = self.corpus_prompts * self.corpus_samples
+        return round(chat * self.corpus_free_text_ratio / (1 - self.corpus_free_text_ratio))
 
     @property
     def tokens_per_step(self) -> int:

@@ -1,6 +1,7 @@
-"""The offline default corpus: the teacher answers the built-in prompts once; the answers are cached.
+"""The offline default corpus: the teacher answers the built-in prompts once, and continues built-in openings
+of raw text (no chat template) so the student keeps plain-text prediction too; both are cached.
 
-The cache key names the teacher (its config and a weight fingerprint), the prompts, the decoding
+The cache key names the teacher (its config and a weight fingerprint), the prompts or openings, the decoding
 settings and the round of answers, so a different teacher or setting never reuses stale text.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from swiftkv.distill.prompts import builtin_prompts
+from swiftkv.distill.prompts import builtin_prompts, free_text_openings
 
 
 def default_cache_dir() -> Path:
@@ -33,26 +34,48 @@ def teacher_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-                       temperature: float, seed: int) -> list[str]:
-    """Teacher answers sampled (top-p 0.95) with this project's engine: continuous batching of `batch_size`
-    sequences, several times faster than `generate` on padded batches here. Request `i` is seeded with
-    `seed + i`, so an answer does not depend on which others ran beside it. `model` must be in teacher mode."""
+def sample_continuations(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+                         temperature: float, seed: int, desc: str) -> list[str]:
+    """Teacher continuations of token-id prompts, sampled (top-p 0.95) with this project's engine: continuous
+    batching of `batch_size` sequences, several times faster than `generate` on padded batches here. Request
+    `i` is seeded with `seed + i`, so a text does not depend on which others ran beside it. `model` must be in
+    teacher mode."""
     from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
     from swiftkv.engine.llm_engine import request_output
 
     engine = LLMEngine(model, tokenizer, EngineConfig(kv_cache_memory_gb=0.5, max_num_seqs=batch_size))
-    sequences = []
-    for index, prompt in enumerate(prompts):
-        chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=True)
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
-                                top_p=0.95 if temperature > 0 else 1.0, seed=seed + index)
-        sequences.append(engine.add_request(list(chat), params))
-    with tqdm(total=len(sequences), desc="teacher corpus", unit="answer") as bar:
+    sequences = [engine.add_request(prompt, SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                                           top_p=0.95 if temperature > 0 else 1.0, seed=seed + i))
+                 for i, prompt in enumerate(prompts)]
+    with tqdm(total=len(sequences), desc=desc, unit="text") as bar:
         while engine.has_unfinished():
             bar.update(sum(event.finished for event in engine.step()))
-    return [request_output(sequence).text.strip() for sequence in sequences]
+    return [request_output(sequence).text for sequence in sequences]
+
+
+def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                       temperature: float, seed: int) -> list[str]:
+    """The teacher's answers to chat prompts (through its chat template)."""
+    chats = [list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True)) for prompt in prompts]
+    answers = sample_continuations(model, tokenizer, chats, max_new_tokens, batch_size, temperature, seed,
+                                   "teacher corpus")
+    return [answer.strip() for answer in answers]
+
+
+def _cached(cache_file: Path, make_records) -> list[dict]:
+    """Records of a JSONL cache file, made (and written atomically) when it is missing."""
+    if not cache_file.is_file():
+        records = make_records()
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_file.with_suffix(".tmp")
+        partial.write_text("".join(json.dumps(record) + "\n" for record in records))
+        partial.replace(cache_file)
+    return [json.loads(line) for line in cache_file.read_text().splitlines()]
+
+
+def _key(settings: list) -> str:
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
 
 
 def teacher_corpus(model, tokenizer, num_prompts: int = 512, max_new_tokens: int = 192, samples_per_prompt: int = 1,
@@ -65,16 +88,28 @@ def teacher_corpus(model, tokenizer, num_prompts: int = 512, max_new_tokens: int
     settings = [teacher_fingerprint(model), prompts, max_new_tokens, temperature, seed]
     records = []
     for sample in range(samples_per_prompt):  # round 0's key is the one-sample key, so old caches stay valid
-        key = hashlib.sha256(json.dumps(settings + ([sample] if sample else [])).encode()).hexdigest()[:16]
+        key = _key(settings + ([sample] if sample else []))
         cache_file = (cache_dir or default_cache_dir()) / f"teacher-corpus-{key}.jsonl"
-        if not cache_file.is_file():
-            # Round r seeds request i with seed + i + r * len(prompts): no two answers share a seed.
-            responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, temperature,
-                                           seed + sample * len(prompts))
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            partial = cache_file.with_suffix(".tmp")
-            partial.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n"
-                                       for p, r in zip(prompts, responses)))
-            partial.replace(cache_file)
-        records += [json.loads(line) for line in cache_file.read_text().splitlines()]
+        # Round r seeds request i with seed + i + r * len(prompts): no two answers share a seed.
+        records += _cached(cache_file, lambda sample=sample: [
+            {"prompt": p, "response": r} for p, r in zip(prompts, generate_responses(
+                model, tokenizer, prompts, max_new_tokens, batch_size, temperature, seed + sample * len(prompts)))])
     return records
+
+
+def free_text_corpus(model, tokenizer, num_texts: int, max_new_tokens: int = 192, batch_size: int = 32,
+                     temperature: float = 0.7, seed: int = 0, cache_dir: Path | None = None) -> list[dict]:
+    """`{"text"}` records: the teacher's continuations of the first `num_texts` built-in openings (opening +
+    continuation, no chat template), cached like the chat corpus under their own key."""
+    openings = free_text_openings(seed)
+    openings = (openings * -(-num_texts // len(openings)))[:num_texts]  # more texts than openings: reseeded
+    settings = ["free-text", teacher_fingerprint(model), openings, max_new_tokens, temperature, seed]
+    cache_file = (cache_dir or default_cache_dir()) / f"teacher-free-text-{_key(settings)}.jsonl"
+
+    def continue_openings() -> list[dict]:
+        ids = [tokenizer(opening, add_special_tokens=False).input_ids for opening in openings]
+        texts = sample_continuations(model, tokenizer, ids, max_new_tokens, batch_size, temperature, seed,
+                                     "teacher free text")
+        return [{"text": opening + text} for opening, text in zip(openings, texts)]
+
+    return _cached(cache_file, continue_openings)

@@ -95,3 +95,48 @@ def builtin_prompts(seed: int = 0) -> list[str]:
     prompts = [task.format(topic=topic) for task in TASKS for topic in TOPICS] + STANDALONE
     random.Random(seed).shuffle(prompts)
     return prompts
+
+
+# Openings of raw (non-chat) text in many genres, written for swiftkv: the teacher continues each one, so
+# the student also learns to predict plain prose, dialogue, lists and code, not only chat answers.
+FREE_TEXT_OPENINGS = [
+    "{Topic} is",
+    "The history of {topic} begins",
+    "In the early years of research on {topic}, scientists",
+    "Chapter One\n\nNobody in the village had ever talked about {topic} until",
+    "Most people first hear about {topic} when",
+    "Q: What is the most important thing to know about {topic}?\nA:",
+    "A new report on {topic} published this week suggests that",
+    "My grandmother always had strong opinions about {topic}. She used to say",
+    "# Notes on {topic}\n\n## Overview\n\n",
+    "Abstract. We study {topic} from a new angle.",
+    "The following is a transcript of a lecture on {topic}.\n\nProfessor:",
+    "Dear diary, today I finally learned something about {topic}.",
+    "There are three things every beginner gets wrong about {topic}. The first",
+    "When the committee met to discuss {topic}, the chairwoman opened by",
+    "It was late in the evening when the conversation turned to {topic}.",
+    "Frequently asked questions about {topic}\n\n1.",
+]
+
+FREE_TEXT_STANDALONE = [
+    "def merge_sorted(left, right):\n    \"\"\"Merge two sorted lists into one sorted list.\"\"\"\n",
+    "The train left the station at dawn, and for the first hour",
+    "Ingredients:\n- 2 cups flour\n- 1 teaspoon salt\n",
+    "Once upon a time, in a kingdom by the sea,",
+    "The minutes of the town council meeting record that",
+    "Welcome to the user guide. This section explains how to",
+    "\"Are you sure this is the right address?\" she asked, looking up at",
+    "SELECT name, COUNT(*) AS orders\nFROM customers\n",
+    "The old lighthouse keeper had kept a logbook for forty years. On the first page",
+    "Step 1: Preheat the oven.",
+    "Weather forecast for the weekend:",
+    "Letters to the editor\n\nSir, I write concerning",
+]
+
+
+def free_text_openings(seed: int = 0) -> list[str]:
+    """Every opening x topic plus the standalone openings, shuffled deterministically (652 openings)."""
+    openings = [opening.format(topic=topic, Topic=topic[0].upper() + topic[1:])
+                for opening in FREE_TEXT_OPENINGS for topic in TOPICS] + FREE_TEXT_STANDALONE
+    random.Random(seed).shuffle(openings)
+    return openings

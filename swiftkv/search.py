@@ -1,0 +1,226 @@
+"""`swiftkv search`: choose the SwiftKV depth by measured quality — a quality/speed frontier over depths
+`l` (and AcrossKV group sizes), and the fastest point within a quality budget.
+
+Each point is a `swiftkv build` without its short evaluation (convert, distill) in `OUT/points/l{l}-g{g}/`,
+then the public tasks side by side with the base (the same checkpoint with SwiftKV off, paired CIs) in its
+`quality/`. Every point shares the teacher corpus (one cache). A finished stage is never redone: a killed
+search run again with the same arguments continues where it stopped (a distillation from its last
+checkpoint). Then one speed pass times the base engine and every point in the same run (TTFT on a long
+prompt, serving throughput), so speed is reported as ratios measured side by side. It writes
+`frontier.json`, `frontier.md` and `frontier.png`, and `OUT/model` points at the chosen checkpoint.
+
+The budget counts accuracy points (x100) lost on each accuracy task (multiple choice: acc_norm; LAMBADA: acc);
+perplexity, agreement and KL are reported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from swiftkv.build import run_build
+from swiftkv.checkpoint import output_folder
+from swiftkv.distill import DistillConfig
+
+QUALITY_TASKS = ["hellaswag", "arc_easy", "arc_challenge", "lambada", "wikitext2", "vicuna_bench"]
+BUDGET_METRICS = ("acc_norm", "acc")  # per task, the first one it reports counts against the budget
+
+
+@dataclass
+class SearchConfig:
+    depths: list[int]                    # num_key_value_layers of each point, run in this order
+    group_sizes: list[int] = field(default_factory=lambda: [1])
+    max_quality_drop: float = 1.0        # accuracy points any task may lose
+    tasks: list[str] = field(default_factory=lambda: list(QUALITY_TASKS))
+    eval_limit: Optional[int] = 500      # examples per task (None: all)
+    ttft_tokens: int = 2048              # speed pass: prompt length for TTFT
+    serving_requests: int = 8            # ... and serving: requests of ttft_tokens in / serving_output_tokens out
+    serving_output_tokens: int = 64
+    serving_rate: float = 1.0            # Poisson arrivals per second
+    kv_cache_memory_gb: float = 0.25
+
+
+@dataclass(frozen=True)
+class Point:
+    depth: int
+    group_size: int
+
+    @property
+    def name(self) -> str:
+        return f"l{self.depth}-g{self.group_size}"
+
+
+def default_depths(num_layers: int) -> list[int]:
+    """1/3, 1/2, 2/3 and 4/5 of the layers keep their own KV (30 layers: 10, 15, 20, 24)."""
+    return sorted({max(1, min(num_layers - 1, round(num_layers * share))) for share in (1 / 3, 1 / 2, 2 / 3, 4 / 5)})
+
+
+def search_points(config: SearchConfig, num_layers: int) -> list[Point]:
+    """Every depth x group size that makes a valid layout (1 <= l < L, groups dividing L - l)."""
+    points = [Point(depth, group) for depth in config.depths for group in config.group_sizes
+              if 1 <= depth < num_layers and (num_layers - depth) % group == 0]
+    if not points:
+        raise ValueError(f"no valid point among depths {config.depths} x group sizes {config.group_sizes} for a "
+                         f"model of {num_layers} layers (need 1 <= l < {num_layers}, groups dividing L - l)")
+    return points
+
+
+def quality_drops(eval_rows: list[dict]) -> dict[str, float]:
+    """Accuracy points lost per task (negative: gained), from `swiftkv eval`'s rows."""
+    drops = {}
+    for metric in reversed(BUDGET_METRICS):  # acc_norm, where a task has it, overwrites acc
+        for row in eval_rows:
+            if row["metric"] == metric and row["difference"] is not None:
+                drops[row["task"]] = -100 * row["difference"]["value"]
+    return drops
+
+
+def pick(frontier: list[dict], max_quality_drop: float) -> Optional[dict]:
+    """The point with the largest measured TTFT speedup among those whose every task lost at most
+    `max_quality_drop` points (ties: the smaller worst drop); None when no point is within budget."""
+    within = [row for row in frontier if row["worst_drop_points"] <= max_quality_drop]
+    return max(within, key=lambda row: (row["ttft_speedup"], -row["worst_drop_points"]), default=None)
+
+
+def run_search(model: str, out_dir: str | Path, config: SearchConfig,
+               distill_config: Optional[DistillConfig] = None) -> dict:
+    """Every point's stages (each reused when complete), the speed pass, the frontier and the pick."""
+    from swiftkv.eval import evaluate
+    from swiftkv.loading import load_config
+
+    out_dir = output_folder(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    num_layers = load_config(model).num_hidden_layers
+    points = search_points(config, num_layers)
+    (out_dir / "search_config.json").write_text(json.dumps({"model": model, **asdict(config)}, indent=2))
+    for point in tqdm(points, desc="search points", unit="point"):
+        point_dir = out_dir / "points" / point.name
+        if not (point_dir / "report.json").is_file():
+            print(f"== {point.name}: convert + distill")
+            run_build(model, point_dir, point.depth, point.group_size, distill_config, resume=True, eval_limit=0)
+        if not (point_dir / "quality" / "eval.json").is_file():
+            print(f"== {point.name}: quality ({', '.join(config.tasks)})")
+            evaluate(str(point_dir / "model"), config.tasks, limit=config.eval_limit, out_dir=point_dir / "quality")
+    speed = measure_speed(model, out_dir, points, config)
+    frontier = [frontier_row(point, out_dir / "points" / point.name, speed, num_layers)
+                for point in sorted(points, key=lambda p: (p.depth, p.group_size))]
+    chosen = pick(frontier, config.max_quality_drop)
+    result = {"model": model, "date": time.strftime("%Y-%m-%d"), "settings": asdict(config),
+              "base_speed": speed["base"], "points": frontier, "chosen": chosen and chosen["point"]}
+    (out_dir / "frontier.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "frontier.md").write_text(render_frontier(result))
+    plot_frontier(result, out_dir / "frontier.png")
+    print(render_frontier(result))
+    link = out_dir / "model"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    if chosen:
+        link.symlink_to(Path("points") / chosen["point"] / "model", target_is_directory=True)
+    return result
+
+
+def measure_speed(model: str, out_dir: Path, points: list[Point], config: SearchConfig) -> dict:
+    """TTFT and serving throughput of the base engine and of each point, in one run (cached in speed.json
+    for this set of points and settings)."""
+    from swiftkv.engine import EngineConfig, LLMEngine
+    from swiftkv.engine.measure import engine_ttft, poisson_arrivals, serve_engine
+    from swiftkv.loading import load_model, load_tokenizer
+
+    settings = {"points": [p.name for p in points], "ttft_tokens": config.ttft_tokens,
+                "serving_requests": config.serving_requests, "serving_output_tokens": config.serving_output_tokens,
+                "serving_rate": config.serving_rate, "kv_cache_memory_gb": config.kv_cache_memory_gb}
+    cache = out_dir / "speed.json"
+    if cache.is_file() and json.loads(cache.read_text())["settings"] == settings:
+        return json.loads(cache.read_text())
+    tokenizer = load_tokenizer(model)
+    generator = torch.Generator().manual_seed(0)  # speed does not depend on the text: random token ids
+    prompts = [torch.randint(len(tokenizer) // 4, len(tokenizer) // 2, (config.ttft_tokens,),
+                             generator=generator).tolist() for _ in range(config.serving_requests)]
+    arrivals = poisson_arrivals(config.serving_requests, config.serving_rate)
+    result = {"settings": settings, "threads": torch.get_num_threads()}
+    systems = {"base": model, **{p.name: str(out_dir / "points" / p.name / "model") for p in points}}
+    for name, path in tqdm(systems.items(), desc="speed", unit="model"):
+        loaded = load_model(path, dtype="bfloat16")
+        if name == "base" and hasattr(loaded.config, "swiftkv"):
+            loaded.config.swiftkv = False
+        engine_config = EngineConfig(kv_cache_memory_gb=config.kv_cache_memory_gb,
+                                     max_prefill_tokens=config.ttft_tokens)
+        engine = LLMEngine(loaded, tokenizer, engine_config)
+        engine_ttft(engine, prompts[0][:64], 1)  # warm-up
+        ttft = engine_ttft(engine, prompts[0], 3)
+        serving = serve_engine(LLMEngine(loaded, tokenizer, EngineConfig(kv_cache_memory_gb=config.kv_cache_memory_gb)),
+                               prompts, arrivals, config.serving_output_tokens)
+        result[name] = {"ttft_s": ttft, "serving_tokens_per_s": serving["total_token_throughput"]}
+    cache.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def frontier_row(point: Point, point_dir: Path, speed: dict, num_layers: int) -> dict:
+    rows = json.loads((point_dir / "quality" / "eval.json").read_text())["rows"]
+    report = json.loads((point_dir / "report.json").read_text())
+    drops = quality_drops(rows)
+    base, own = speed["base"], speed[point.name]
+    return {"point": point.name, "num_key_value_layers": point.depth, "key_value_group_size": point.group_size,
+            "prefill_compute_saved": (num_layers - point.depth) / num_layers,
+            "ttft_s": own["ttft_s"], "ttft_speedup": base["ttft_s"] / own["ttft_s"],
+            "serving_speedup": own["serving_tokens_per_s"] / base["serving_tokens_per_s"],
+            "drop_points": drops, "worst_drop_points": max(drops.values(), default=0.0),
+            "held_out_agreement": report.get("eval_top1_agreement_after"), "held_out_kl": report.get("eval_kl_after"),
+            "eval_rows": rows}
+
+
+def render_frontier(result: dict) -> str:
+    points = result["points"]
+    tasks = sorted({task for row in points for task in row["drop_points"]})
+    other = sorted({(r["task"], r["metric"]) for row in points for r in row["eval_rows"]
+                    if r["metric"] not in BUDGET_METRICS})
+    header = (["point", "prefill saved", "TTFT speedup", "serving speedup", "held-out agreement"]
+              + [f"{task} drop (pts)" for task in tasks] + [f"{task} {metric}" for task, metric in other])
+    lines = [f"# SwiftKV frontier of {result['model']}", "",
+             f"Budget: at most {result['settings']['max_quality_drop']} accuracy points lost on every task. "
+             f"Chosen: **{result['chosen'] or 'none within budget'}**.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in points:
+        values = {(r["task"], r["metric"]): r for r in row["eval_rows"]}
+
+        def other_cell(task, metric):
+            entry = values.get((task, metric))
+            if entry is None:
+                return ""
+            base = f" (base {entry['baseline']['value']:.3g})" if entry["baseline"] else ""
+            return f"{entry['model']['value']:.3g}{base}"
+
+        agreement = row["held_out_agreement"]
+        cells = [row["point"], f"{row['prefill_compute_saved']:.0%}", f"{row['ttft_speedup']:.2f}x",
+                 f"{row['serving_speedup']:.2f}x", "" if agreement is None else f"{agreement:.3f}"]
+        cells += [f"{row['drop_points'][task]:+.1f}" if task in row["drop_points"] else "" for task in tasks]
+        cells += [other_cell(task, metric) for task, metric in other]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Drops are base minus SwiftKV in accuracy points (negative: SwiftKV scored higher); each point's "
+              "`quality/eval.md` has the 95% CIs. Speedups: the base engine and each point timed in one run.", ""]
+    return "\n".join(lines)
+
+
+def plot_frontier(result: dict, path: Path) -> None:
+    from swiftkv.plotting import png_figure
+
+    points = result["points"]
+    with png_figure(path, 1, 2, figsize=(12, 4.5)) as (fig, axes):
+        for axis, key, label in ((axes[0], "prefill_compute_saved", "prefill compute saved (share of layers)"),
+                                 (axes[1], "ttft_speedup", "measured TTFT speedup vs base engine")):
+            axis.plot([row[key] for row in points], [row["worst_drop_points"] for row in points], "o-")
+            for row in points:
+                chosen = row["point"] == result["chosen"]
+                axis.annotate(row["point"] + (" (chosen)" if chosen else ""), (row[key], row["worst_drop_points"]),
+                              textcoords="offset points", xytext=(4, 4), fontsize=8)
+            axis.axhline(result["settings"]["max_quality_drop"], color="gray", linestyle="--", label="budget")
+            axis.set_xlabel(label)
+            axis.set_ylabel("worst task drop (accuracy points)")
+            axis.legend()
+        fig.suptitle(f"SwiftKV quality/speed frontier: {result['model']}")

@@ -1,0 +1,93 @@
+"""`swiftkv search`: the frontier over depths, the pick within a quality budget, and resuming a killed search."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import swiftkv.eval
+from swiftkv import search
+from swiftkv.distill import DistillConfig
+from swiftkv.search import SearchConfig, default_depths, pick, quality_drops, run_search, search_points
+
+
+def row(point, speedup, **drops):
+    return {"point": point, "ttft_speedup": speedup, "drop_points": drops, "worst_drop_points": max(drops.values())}
+
+
+def test_the_picker_chooses_the_fastest_point_whose_every_task_is_within_budget():
+    frontier = [row("l10-g1", 2.4, arc_easy=3.0, lambada=0.5),   # fastest, but one task over budget
+                row("l15-g1", 1.9, arc_easy=0.8, lambada=-0.2),
+                row("l20-g1", 1.4, arc_easy=0.1, lambada=0.0),
+                row("l24-g1", 1.2, arc_easy=-0.5, lambada=0.0)]
+    assert pick(frontier, 1.0)["point"] == "l15-g1"
+    assert pick(frontier, 0.2)["point"] == "l20-g1"
+    assert pick(frontier, 0.05)["point"] == "l24-g1"
+    assert pick(frontier, 5.0)["point"] == "l10-g1"
+    assert pick(frontier, -1.0) is None
+
+
+def test_the_budget_counts_acc_norm_where_a_task_has_it_and_acc_otherwise():
+    def eval_row(task, metric, difference):
+        return {"task": task, "metric": metric, "difference": {"value": difference}}
+
+    rows = [eval_row("arc_easy", "acc", -0.10), eval_row("arc_easy", "acc_norm", -0.02),
+            eval_row("lambada", "acc", 0.01), eval_row("wikitext2", "perplexity", 30.0),
+            {"task": "vicuna_bench", "metric": "top1_agreement", "difference": None}]
+    assert quality_drops(rows) == pytest.approx({"arc_easy": 2.0, "lambada": -1.0})
+
+
+def test_default_depths_and_points_follow_the_layer_count_and_valid_group_sizes():
+    assert default_depths(30) == [10, 15, 20, 24]
+    points = search_points(SearchConfig(depths=[3, 4], group_sizes=[1, 2]), num_layers=6)
+    assert [p.name for p in points] == ["l3-g1", "l4-g1", "l4-g2"]  # 6 - 3 layers do not split in pairs
+    with pytest.raises(ValueError, match="no valid point"):
+        search_points(SearchConfig(depths=[6]), num_layers=6)
+
+
+def tiny_eval_data(folder):
+    folder.mkdir()
+    (folder / "arc_easy.jsonl").write_text("".join(
+        json.dumps({"id": str(i), "context": f"w{i} w{i + 3}", "choices": [f"w{i + 5}", f"w{i + 7}"], "label": 0})
+        + "\n" for i in range(6)))
+    (folder / "lambada_openai.jsonl").write_text("".join(
+        json.dumps({"text": " ".join(f"w{i + j}" for j in range(8))}) + "\n" for i in range(6)))
+    return folder
+
+
+def test_a_killed_search_resumes_without_redoing_finished_points(tiny_base_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SWIFTKV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SWIFTKV_NO_COMPILE", "1")
+    monkeypatch.setenv("SWIFTKV_DATA_DIR", str(tiny_eval_data(tmp_path / "data")))
+    config = SearchConfig(depths=[2, 4], tasks=["arc_easy", "lambada"], eval_limit=4, ttft_tokens=32,
+                          serving_requests=2, serving_output_tokens=4, serving_rate=100.0, max_quality_drop=100.0,
+                          kv_cache_memory_gb=0.01)
+    distill_config = DistillConfig(corpus_prompts=40, corpus_max_new_tokens=8, max_steps=2, seq_length=16,
+                                   micro_batch_size=2, eval_fraction=0.2, mixed_precision="no")
+    out = tmp_path / "search"
+    evaluate, builds, evaluations = swiftkv.eval.evaluate, [], []
+
+    def killed_at_the_second_evaluation(model, *args, **kwargs):
+        evaluations.append(model)
+        if len(evaluations) == 2:
+            raise KeyboardInterrupt  # as if the process were killed here
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(swiftkv.eval, "evaluate", killed_at_the_second_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(str(tiny_base_dir), out, config, distill_config)
+    assert (out / "points" / "l2-g1" / "quality" / "eval.json").is_file()
+    assert (out / "points" / "l4-g1" / "report.json").is_file() and not (out / "frontier.json").exists()
+
+    build = search.run_build
+    monkeypatch.setattr(search, "run_build", lambda *args, **kwargs: builds.append(args) or build(*args, **kwargs))
+    evaluations.clear()
+    monkeypatch.setattr(swiftkv.eval, "evaluate", lambda model, *a, **k: evaluations.append(model) or evaluate(model, *a, **k))
+    result = run_search(str(tiny_base_dir), out, config, distill_config)
+    assert builds == [] and evaluations == [str(out / "points" / "l4-g1" / "model")]  # only the unfinished stage
+    assert [p["point"] for p in result["points"]] == ["l2-g1", "l4-g1"]
+    assert {"arc_easy", "lambada"} == set(result["points"][0]["drop_points"])
+    assert (out / "model").resolve() == (out / "points" / result["chosen"] / "model").resolve()
+    assert "| l2-g1 | 67% |" in (out / "frontier.md").read_text() and (out / "frontier.png").stat().st_size > 0
+    assert len(list((tmp_path / "cache").glob("teacher-corpus-*.jsonl"))) == 1  # one corpus for every point
