@@ -5,7 +5,7 @@ KV heads of 64, bf16), in a cache laid out as the engine's (`[kv_heads, slots, h
   gather + matmuls   `index_select` of the row's slots, then two small matmuls (oneDNN), the batch path;
   in place, SDPA     PyTorch's fused SDPA kernel on a view of the row's contiguous slots, no copy;
   batch of rows      `--rows` rows of the same length: gather + matmuls, SDPA with a padding mask, or each
-                     row in place one after the other (the engine's choice above GATHERED_ROWS_MAX_KEYS);
+                     row in place one after the other (the engine's choice above GATHERED_ROWS_MAX_MEAN_KEYS);
   keys split         one row in place with its keys split in two halves the kernel runs in parallel, merged
                      by their log-sum-exp (flash-decoding), to use both cores.
 Each cache read covers a different layer's slots per call, so timings include reading K/V from memory, as a

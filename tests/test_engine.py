@@ -144,7 +144,7 @@ def test_a_prompt_arriving_while_others_decode_runs_in_their_step_and_changes_no
 def test_decode_rows_read_in_place_one_by_one_or_gathered_give_the_same_tokens(monkeypatch, in_place):
     model = swiftkv_model()
     expected = [run(engine_for(model), [p], GREEDY)[0].token_ids for p in prompts(4)]
-    monkeypatch.setattr(model_runner, "GATHERED_ROWS_MAX_KEYS", 0 if in_place else 10**9)
+    monkeypatch.setattr(model_runner, "GATHERED_ROWS_MAX_MEAN_KEYS", 0 if in_place else 10**9)
     engine = engine_for(model)
     attend_in_place = engine.runner._attend_in_place
     calls = []

@@ -100,9 +100,10 @@ class Batch:
 
 # Single-query rows whose slots are one range read K/V in place through the fused SDPA kernel, row by row: a lone
 # row always (benchmarks/decode_attention.py: 27 vs 61 us per layer gathered at 128 keys, 230 vs 294 at 2048),
-# several rows once they hold more than this many keys in all; below, gathering them into one padded batch for
-# two matmuls is faster (8 rows of 512 keys: 387 us gathered, 572 row by row; of 1024: 3,735 against 1,065).
-GATHERED_ROWS_MAX_KEYS = 4096
+# several rows once they hold more than this many keys each on average; below, gathering them into one padded
+# batch for two matmuls is faster (8 rows of 512 keys: 387 us gathered, 572 row by row; of 1024: 3,735 against
+# 1,065).
+GATHERED_ROWS_MAX_MEAN_KEYS = 512
 
 # Rotary embeddings whose frequencies change with the sequence length: K/V cached at one length would be
 # rotated differently from what transformers computes over the whole sequence.
@@ -217,10 +218,10 @@ class ModelRunner:
 
     def _query_rows(self, contexts: list[tuple]) -> QueryRows:
         """(sequence, keys) of single-query rows -> how they attend: in place row by row when every row's slots
-        are one range and that is the faster way (see GATHERED_ROWS_MAX_KEYS), else gathered as one batch."""
+        are one range and that is the faster way (see GATHERED_ROWS_MAX_MEAN_KEYS), else gathered as one batch."""
         lengths = [keys for _, keys in contexts]
         one = len(contexts) == 1
-        if contexts and not self.quantized and (one or sum(lengths) > GATHERED_ROWS_MAX_KEYS):
+        if contexts and not self.quantized and (one or sum(lengths) > GATHERED_ROWS_MAX_MEAN_KEYS * len(lengths)):
             starts = [contiguous_start(sequence.block_table, self.block_size, keys) for sequence, keys in contexts]
             if None not in starts:
                 return QueryRows(lengths, in_place_starts=starts)
