@@ -8,6 +8,7 @@ import sys
 
 from swiftkv.distill.config import DistillConfig
 from swiftkv.engine.config import EngineConfig
+from swiftkv.engine.model_runner import KV_CACHE_DTYPES
 from swiftkv.eval import DEFAULT_TASKS, SAME_CHECKPOINT
 from swiftkv.loading import DEFAULT_MODEL
 from swiftkv.engine.quantized import WEIGHT_FORMATS
@@ -100,8 +101,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="sequences decoding at once")
     parser.add_argument("--max-prefill-tokens", type=int, default=defaults.max_prefill_tokens,
                         help="prompt tokens per prefill chunk")
-    parser.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype, choices=["auto", "int8"],
-                        help="int8: 8-bit K/V with per-token scales (about 2x the tokens in the same memory)")
+    parser.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype, choices=KV_CACHE_DTYPES,
+                        help="int8 or fp8 (e4m3): 8-bit K/V with per-token scales (about 2x the tokens in the "
+                             "same memory)")
     parser.add_argument("--weights", default=defaults.weights, choices=WEIGHT_FORMATS,
                         help="int8 / int4: weight-only quantized projections and lm_head, for faster decode "
                              "on CPU (auto: as loaded in --dtype)")

@@ -14,6 +14,7 @@ from swiftkv.convert import convert_to_swiftkv
 from swiftkv.distill import DistillTrainer
 from swiftkv.distill.least_squares import fit_single_input_key_values
 from swiftkv.engine import SamplingParams
+from swiftkv.engine.sequence import Chunk
 
 from conftest import make_base_model, make_tiny_tokenizer, perturb_swiftkv_weights
 from test_distill import SHARP, blocks, quick_config, student
@@ -42,6 +43,18 @@ def test_engine_on_cuda_is_greedy_token_for_token_equal_to_transformers_on_cuda(
     assert engine.runner.k_cache.is_cuda
     for prompt, output in zip(prompts(), run(engine, prompts(), GREEDY)):
         assert output.token_ids == hf_greedy(model, prompt, 10)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+def test_an_8_bit_kv_cache_on_cuda_keeps_logits_close_to_the_exact_cache(kv_cache_dtype):
+    model = swiftkv_model().to(torch.bfloat16).to(CUDA)
+    logits = []
+    for engine in (engine_for(model), engine_for(model, kv_cache_dtype=kv_cache_dtype)):
+        sequence = engine.add_request(prompts(1)[0], SamplingParams(max_tokens=1))
+        engine.blocks.reserve(sequence, len(sequence))
+        logits.append(engine.runner.run([Chunk(sequence, 0, len(sequence))])[0].cpu())
+    assert (logits[1] - logits[0]).abs().max() < 0.1 * logits[0].std()
+    assert logits[1].argmax() == logits[0].argmax()
 
 
 def test_seeded_sampling_on_cuda_is_reproducible_and_really_samples():

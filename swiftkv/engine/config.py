@@ -12,7 +12,7 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 32             # sequences decoding at once
     max_prefill_tokens: int = 1024     # prompt tokens per prefill chunk
-    kv_cache_dtype: str = "auto"       # "int8": 8-bit K/V with per-token scales, ~2x the tokens
+    kv_cache_dtype: str = "auto"       # "int8" / "fp8" (e4m3): 8-bit K/V with per-token scales, ~2x the tokens
     reserve_output_tokens: bool = True  # admit a prompt only with KV room for every max_tokens: no preemption
     device: str = "auto"               # auto: CUDA when present; cpu, cuda, cuda:N
     weights: str = "auto"              # "int8" / "int4": weight-only quantized projections (engine/quantized.py)
