@@ -22,8 +22,11 @@ def run_build(model: str, out_dir: str | Path, num_key_value_layers: str | float
               eval_limit: int | None = 80) -> dict:
     """Run every stage (a stage whose output is already complete is reused); return the report dict.
 
-    `eval_limit=0` skips the side-by-side evaluation of the distilled model against its base.
+    `eval_limit=0` skips the side-by-side evaluation of the distilled model against its base. Under
+    `accelerate launch` every process distills (data parallel); the main process converts first (the others
+    then reuse its checkpoint) and alone evaluates and writes the report.
     """
+    state = process_state()
     out_dir, config = output_folder(out_dir), config or DistillConfig()
     started = time.perf_counter()
     if eval_limit != 0:
@@ -33,15 +36,34 @@ def run_build(model: str, out_dir: str | Path, num_key_value_layers: str | float
             print(f"the final evaluation will be skipped: {error}")
             eval_limit = 0
     converted = out_dir / "converted"
-    try:
-        validate_checkpoint(converted)
-        print(f"[1/4] reusing converted checkpoint {converted}")
-    except CheckpointError:
-        print(f"[1/4] converting {model} (num_key_value_layers={num_key_value_layers}, "
-              f"key_value_group_size={key_value_group_size})")
-        convert_checkpoint(model, converted, num_key_value_layers, key_value_group_size)
+    with state.main_process_first():
+        try:
+            validate_checkpoint(converted)
+            print(f"[1/4] reusing converted checkpoint {converted}")
+        except CheckpointError:
+            print(f"[1/4] converting {model} (num_key_value_layers={num_key_value_layers}, "
+                  f"key_value_group_size={key_value_group_size})")
+            convert_checkpoint(model, converted, num_key_value_layers, key_value_group_size)
     print("[2/4] teacher corpus + distillation")
-    final, state = distill(str(converted), out_dir, config=config, resume=resume)
+    final, trainer_state = distill(str(converted), out_dir, config=config, resume=resume)
+    report = {"base_model": model, "checkpoint": str(final), "num_key_value_layers": num_key_value_layers,
+              "key_value_group_size": key_value_group_size, **summarize(trainer_state.history)}
+    if state.is_main_process:
+        report = _evaluate_and_report(model, out_dir, final, trainer_state, config, eval_limit, report, started)
+    state.wait_for_everyone()
+    return report
+
+
+def process_state():
+    """This process's accelerate state (one process unless launched by `accelerate launch` / torchrun)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def _evaluate_and_report(model: str, out_dir: Path, final: Path, trainer_state, config: DistillConfig,
+                         eval_limit: int | None, report: dict, started: float) -> dict:
     evaluation = ""
     if eval_limit != 0:
         print(f"[3/4] side-by-side evaluation ({', '.join(EVAL_TASKS)}, limit {eval_limit})")
@@ -50,10 +72,8 @@ def run_build(model: str, out_dir: str | Path, num_key_value_layers: str | float
         evaluate(str(final), EVAL_TASKS, limit=eval_limit, out_dir=out_dir / "eval")
         evaluation = (out_dir / "eval" / "eval.md").read_text()
     print("[4/4] report")
-    report = {"base_model": model, "checkpoint": str(final), "num_key_value_layers": num_key_value_layers,
-              "key_value_group_size": key_value_group_size, **summarize(state.history),
-              "wall_seconds": time.perf_counter() - started}
-    plot_learning_curve(state.history, out_dir / "learning_curve.png", title=f"SwiftKV distillation of {model}",
+    report["wall_seconds"] = time.perf_counter() - started
+    plot_learning_curve(trainer_state.history, out_dir / "learning_curve.png", title=f"SwiftKV distillation of {model}",
                         train_loss_label=loss_label(config))
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(render_report(report) + evaluation.replace("# ", "## Evaluation: ", 1))

@@ -67,8 +67,9 @@ def _search(args: argparse.Namespace) -> int:
     from swiftkv.search import SearchConfig, default_depths, run_search
 
     depths = getattr(args, "depths", None) or default_depths(load_config(args.model).num_hidden_layers)
-    config = SearchConfig(depths=depths, group_sizes=getattr(args, "group_sizes", None) or [1],
-                          max_quality_drop=1.0 if args.max_quality_drop is None else args.max_quality_drop,
+    search_flags = {name: getattr(args, name) for name in ("group_sizes", "tasks", "ttft_tokens", "serving_requests")
+                    if getattr(args, name, None) is not None}  # `build --max-quality-drop` keeps the defaults
+    config = SearchConfig(depths=depths, max_quality_drop=args.max_quality_drop, **search_flags,
                           eval_limit=500 if args.eval_limit is None else args.eval_limit or None)
     result = run_search(args.model, args.out, config, _distill_config(args))
     return 0 if result["chosen"] else 1  # no point within the budget: a script can tell
@@ -294,7 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--group-sizes", type=int, nargs="+", default=[1], help="AcrossKV group sizes to try")
     search.add_argument("--max-quality-drop", type=float, default=1.0, metavar="POINTS",
                         help="accuracy points any task may lose (default: %(default)s)")
+    search.add_argument("--tasks", nargs="+", help=f"quality tasks (default: {' '.join(DEFAULT_TASKS)})")
     search.add_argument("--eval-limit", type=int, default=500, help="examples per task (0: all)")
+    search.add_argument("--ttft-tokens", type=int, help="prompt length of the speed pass (default: 2048)")
+    search.add_argument("--serving-requests", type=int, help="requests of the speed pass's serving run (default: 8)")
     _add_distill_config_flags(search)
     search.set_defaults(run=_search)
     return parser

@@ -10,7 +10,8 @@ prompt, serving throughput), so speed is reported as ratios measured side by sid
 `frontier.json`, `frontier.md` and `frontier.png`, and `OUT/model` points at the chosen checkpoint.
 
 The budget counts accuracy points (x100) lost on each accuracy task (multiple choice: acc_norm; LAMBADA: acc);
-perplexity, agreement and KL are reported beside it.
+perplexity, agreement and KL are reported beside it. Under `accelerate launch` every process distills each
+point (data parallel) and the main process alone evaluates, times and writes the frontier.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from swiftkv.build import run_build
+from swiftkv.build import process_state, run_build
 from swiftkv.checkpoint import output_folder
 from swiftkv.distill import DistillConfig
+from swiftkv.eval import DEFAULT_TASKS
 
-QUALITY_TASKS = ["hellaswag", "arc_easy", "arc_challenge", "lambada", "wikitext2", "vicuna_bench"]
 BUDGET_METRICS = ("acc_norm", "acc")  # per task, the first one it reports counts against the budget
 
 
@@ -37,7 +38,7 @@ class SearchConfig:
     depths: list[int]                    # num_key_value_layers of each point, run in this order
     group_sizes: list[int] = field(default_factory=lambda: [1])
     max_quality_drop: float = 1.0        # accuracy points any task may lose
-    tasks: list[str] = field(default_factory=lambda: list(QUALITY_TASKS))
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     eval_limit: Optional[int] = 500      # examples per task (None: all)
     ttft_tokens: int = 2048              # speed pass: prompt length for TTFT
     serving_requests: int = 8            # ... and serving: requests of ttft_tokens in / serving_output_tokens out
@@ -94,19 +95,32 @@ def run_search(model: str, out_dir: str | Path, config: SearchConfig,
     from swiftkv.eval import evaluate
     from swiftkv.loading import load_config
 
+    state = process_state()
     out_dir = output_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     num_layers = load_config(model).num_hidden_layers
     points = search_points(config, num_layers)
-    (out_dir / "search_config.json").write_text(json.dumps({"model": model, **asdict(config)}, indent=2))
-    for point in tqdm(points, desc="search points", unit="point"):
+    if state.is_main_process:
+        (out_dir / "search_config.json").write_text(json.dumps({"model": model, **asdict(config)}, indent=2))
+    for point in tqdm(points, desc="search points", unit="point", disable=not state.is_main_process):
         point_dir = out_dir / "points" / point.name
         if not (point_dir / "report.json").is_file():
             print(f"== {point.name}: convert + distill")
             run_build(model, point_dir, point.depth, point.group_size, distill_config, resume=True, eval_limit=0)
-        if not (point_dir / "quality" / "eval.json").is_file():
+        if state.is_main_process and not (point_dir / "quality" / "eval.json").is_file():
             print(f"== {point.name}: quality ({', '.join(config.tasks)})")
             evaluate(str(point_dir / "model"), config.tasks, limit=config.eval_limit, out_dir=point_dir / "quality")
+        state.wait_for_everyone()  # every process sees the same finished stages at the next point
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return json.loads((out_dir / "frontier.json").read_text())
+    result = _frontier(model, out_dir, points, config, num_layers)
+    state.wait_for_everyone()
+    return result
+
+
+def _frontier(model: str, out_dir: Path, points: list[Point], config: SearchConfig, num_layers: int) -> dict:
+    """The speed pass, then the frontier files and the chosen checkpoint's link."""
     speed = measure_speed(model, out_dir, points, config)
     frontier = [frontier_row(point, out_dir / "points" / point.name, speed, num_layers)
                 for point in sorted(points, key=lambda p: (p.depth, p.group_size))]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -91,3 +94,25 @@ def test_a_killed_search_resumes_without_redoing_finished_points(tiny_base_dir, 
     assert (out / "model").resolve() == (out / "points" / result["chosen"] / "model").resolve()
     assert "| l2-g1 | 67% |" in (out / "frontier.md").read_text() and (out / "frontier.png").stat().st_size > 0
     assert len(list((tmp_path / "cache").glob("teacher-corpus-*.jsonl"))) == 1  # one corpus for every point
+
+
+def test_a_search_under_two_data_parallel_processes_distills_in_both_and_evaluates_once(tiny_base_dir, tmp_path):
+    """torchrun (gloo on CPU; NCCL on GPUs): every process distills each point, the main process alone
+    converts first, evaluates, times and writes the frontier."""
+    env = {**os.environ, "SWIFTKV_CACHE": str(tmp_path / "cache"), "SWIFTKV_NO_COMPILE": "1",
+           "SWIFTKV_DATA_DIR": str(tiny_eval_data(tmp_path / "data")), "ACCELERATE_USE_CPU": "true",
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "search"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "swiftkv.cli", "search",
+         "--model", str(tiny_base_dir), "--out", str(out), "--depths", "2", "4", "--tasks", "arc_easy", "lambada",
+         "--eval-limit", "4", "--ttft-tokens", "32", "--serving-requests", "2", "--max-quality-drop", "100",
+         "--corpus-prompts", "40", "--corpus-max-new-tokens", "8", "--max-steps", "2", "--seq-length", "16",
+         "--micro-batch-size", "2", "--eval-fraction", "0.2", "--mixed-precision", "no"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    frontier = json.loads((out / "frontier.json").read_text())
+    assert [p["point"] for p in frontier["points"]] == ["l2-g1", "l4-g1"] and (out / "model").is_dir()
+    assert result.stdout.count("== l2-g1: quality") == 1  # the main process only
+    history = json.loads((out / "points" / "l4-g1" / "history.json").read_text())
+    assert history[-1]["step"] == 2
