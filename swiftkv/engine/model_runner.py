@@ -102,7 +102,7 @@ class Batch:
 # row always (benchmarks/decode_attention.py: 27 vs 61 us per layer gathered at 128 keys, 230 vs 294 at 2048),
 # several rows once they hold more than this many keys each on average; below, gathering them into one padded
 # batch for two matmuls is faster (8 rows of 512 keys: 387 us gathered, 572 row by row; of 1024: 3,735 against
-# 1,065).
+# 1,065). On a GPU, where a kernel launch per row costs more than the gather, several rows are always gathered.
 GATHERED_ROWS_MAX_MEAN_KEYS = 512
 
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # auto: the model's dtype
@@ -226,14 +226,15 @@ class ModelRunner:
     def _query_rows(self, contexts: list[tuple]) -> QueryRows:
         """(sequence, keys) of single-query rows -> how they attend: in place row by row when every row's slots
         are one range and that is the faster way (see GATHERED_ROWS_MAX_MEAN_KEYS), else gathered as one batch."""
+        if not contexts:
+            return QueryRows([])
         lengths = [keys for _, keys in contexts]
         one = len(contexts) == 1
-        if contexts and not self.quantized and (one or sum(lengths) > GATHERED_ROWS_MAX_MEAN_KEYS * len(lengths)):
+        row_by_row = self.device.type == "cpu" and sum(lengths) > GATHERED_ROWS_MAX_MEAN_KEYS * len(lengths)
+        if not self.quantized and (one or row_by_row):
             starts = [contiguous_start(sequence.block_table, self.block_size, keys) for sequence, keys in contexts]
             if None not in starts:
                 return QueryRows(lengths, in_place_starts=starts)
-        if not contexts:
-            return QueryRows([])
         read = torch.nn.utils.rnn.pad_sequence([self._slots(s, 0, keys) for s, keys in contexts], batch_first=True)
         mask = None if one else torch.arange(read.shape[1], device=self.device)[None, :] < self._tensor(lengths)[:, None]
         return QueryRows(lengths, read_slots=read, mask=mask)
