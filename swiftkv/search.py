@@ -93,8 +93,10 @@ def run_search(model: str, out_dir: str | Path, config: SearchConfig,
                distill_config: Optional[DistillConfig] = None) -> dict:
     """Every point's stages (each reused when complete), the speed pass, the frontier and the pick."""
     from swiftkv.eval import evaluate
+    from swiftkv.eval.tasks import resolve_task
     from swiftkv.loading import load_config
 
+    [resolve_task(task) for task in config.tasks]  # missing evaluation data fails now, not after a distillation
     state = process_state()
     out_dir = output_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -116,3 +116,11 @@ def test_a_search_under_two_data_parallel_processes_distills_in_both_and_evaluat
     assert result.stdout.count("== l2-g1: quality") == 1  # the main process only
     history = json.loads((out / "points" / "l4-g1" / "history.json").read_text())
     assert history[-1]["step"] == 2
+
+
+def test_a_search_without_its_evaluation_data_fails_before_any_distillation(tiny_base_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SWIFTKV_DATA_DIR", str(tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="arc_easy"):
+        run_search(str(tiny_base_dir), tmp_path / "search", SearchConfig(depths=[2], tasks=["arc_easy"]))
+    assert not (tmp_path / "search" / "points").exists()
