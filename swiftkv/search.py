@@ -72,13 +72,19 @@ def search_points(config: SearchConfig, num_layers: int) -> list[Point]:
     return points
 
 
-def quality_drops(eval_rows: list[dict]) -> dict[str, float]:
-    """Accuracy points lost per task (negative: gained), from `swiftkv eval`'s rows."""
+def quality_drops(eval_rows: list[dict], with_ci: bool = False) -> dict:
+    """Accuracy points lost per task (negative: gained), from `swiftkv eval`'s rows; with `with_ci`, each as
+    (drop, low, high) with the 95% CI of the paired difference."""
     drops = {}
     for metric in reversed(BUDGET_METRICS):  # acc_norm, where a task has it, overwrites acc
         for row in eval_rows:
             if row["metric"] == metric and row["difference"] is not None:
-                drops[row["task"]] = -100 * row["difference"]["value"]
+                difference = row["difference"]
+                drop = -100 * difference["value"]
+                if with_ci:
+                    low, high = sorted(-100 * bound for bound in difference["ci95"])
+                    drop = (drop, low, high)
+                drops[row["task"]] = drop
     return drops
 
 
@@ -186,7 +192,8 @@ def frontier_row(point: Point, point_dir: Path, speed: dict, num_layers: int) ->
             "prefill_compute_saved": (num_layers - point.depth) / num_layers,
             "ttft_s": own["ttft_s"], "ttft_speedup": base["ttft_s"] / own["ttft_s"],
             "serving_speedup": own["serving_tokens_per_s"] / base["serving_tokens_per_s"],
-            "drop_points": drops, "worst_drop_points": max(drops.values(), default=0.0),
+            "drop_points": drops, "drop_ci95_points": quality_drops(rows, with_ci=True),
+            "worst_drop_points": max(drops.values(), default=0.0),
             "held_out_agreement": report.get("eval_top1_agreement_after"), "held_out_kl": report.get("eval_kl_after"),
             "eval_rows": rows}
 
@@ -215,12 +222,20 @@ def render_frontier(result: dict) -> str:
         agreement = row["held_out_agreement"]
         cells = [row["point"], f"{row['prefill_compute_saved']:.0%}", f"{row['ttft_speedup']:.2f}x",
                  f"{row['serving_speedup']:.2f}x", "" if agreement is None else f"{agreement:.3f}"]
-        cells += [f"{row['drop_points'][task]:+.1f}" if task in row["drop_points"] else "" for task in tasks]
+        cells += [_drop_cell(row["drop_ci95_points"].get(task)) for task in tasks]
         cells += [other_cell(task, metric) for task, metric in other]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Drops are base minus SwiftKV in accuracy points (negative: SwiftKV scored higher); each point's "
-              "`quality/eval.md` has the 95% CIs. Speedups: the base engine and each point timed in one run.", ""]
+    lines += ["", "Drops are base minus SwiftKV in accuracy points with the 95% CI of the paired difference "
+              "(negative: SwiftKV scored higher); each point's `quality/eval.md` has every metric. Speedups: the "
+              "base engine and each point timed in one run.", ""]
     return "\n".join(lines)
+
+
+def _drop_cell(drop: Optional[tuple]) -> str:
+    if drop is None:
+        return ""
+    value, low, high = (round(v, 1) + 0.0 for v in drop)  # + 0.0: no "-0.0"
+    return f"{value:+.1f} [{low:+.1f}, {high:+.1f}]"
 
 
 def plot_frontier(result: dict, path: Path) -> None:
