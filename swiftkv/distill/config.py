@@ -26,7 +26,7 @@ class DistillConfig:
     corpus_prompts: int = 512            # default data: built-in prompts the teacher answers
     corpus_max_new_tokens: int = 128     # ... tokens per answer
     corpus_samples: int = 1              # ... answers per prompt (seeded differently)
-    corpus_free_text_ratio: float = 0.0  # share of default records that are teacher-continued raw text
+    corpus_free_text_ratio: float = 0.5  # share of default records that are teacher-continued raw text
     max_steps: int = 600                 # optimizer steps; the schedule spans them
     max_grad_norm: float = 1.0
     eval_every: int = 25
