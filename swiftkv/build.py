@@ -9,7 +9,7 @@ from pathlib import Path
 
 from swiftkv.checkpoint import CheckpointError, output_folder, validate_checkpoint
 from swiftkv.convert import convert_checkpoint
-from swiftkv.distill import DistillConfig, distill
+from swiftkv.distill import DistillConfig, distill, process_state
 from swiftkv.distill.report import loss_label, plot_learning_curve, summarize
 from swiftkv.eval.tasks import resolve_task
 
@@ -52,14 +52,6 @@ def run_build(model: str, out_dir: str | Path, num_key_value_layers: str | float
         report = _evaluate_and_report(model, out_dir, final, trainer_state, config, eval_limit, report, started)
     state.wait_for_everyone()
     return report
-
-
-def process_state():
-    """This process's accelerate state (one process unless launched by `accelerate launch` / torchrun)."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def _evaluate_and_report(model: str, out_dir: Path, final: Path, trainer_state, config: DistillConfig,

@@ -58,8 +58,9 @@ def _build(args: argparse.Namespace) -> None:
 
     if args.max_quality_drop is not None:
         return _search(args)
+    eval_limit = {} if args.eval_limit is None else {"eval_limit": args.eval_limit}  # None: run_build's default
     run_build(args.model, args.out, args.num_key_value_layers, args.key_value_group_size, _distill_config(args),
-              resume=args.resume, eval_limit=80 if args.eval_limit is None else args.eval_limit)
+              resume=args.resume, **eval_limit)
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -68,9 +69,10 @@ def _search(args: argparse.Namespace) -> int:
 
     depths = getattr(args, "depths", None) or default_depths(load_config(args.model).num_hidden_layers)
     search_flags = {name: getattr(args, name) for name in ("group_sizes", "tasks", "ttft_tokens", "serving_requests")
-                    if getattr(args, name, None) is not None}  # `build --max-quality-drop` keeps the defaults
-    config = SearchConfig(depths=depths, max_quality_drop=args.max_quality_drop, **search_flags,
-                          eval_limit=500 if args.eval_limit is None else args.eval_limit or None)
+                    if getattr(args, name, None) is not None}  # unset (and `build --max-quality-drop`): defaults
+    if args.eval_limit is not None:
+        search_flags["eval_limit"] = args.eval_limit or None  # 0: every example
+    config = SearchConfig(depths=depths, max_quality_drop=args.max_quality_drop, **search_flags)
     result = run_search(args.model, args.out, config, _distill_config(args))
     return 0 if result["chosen"] else 1  # no point within the budget: a script can tell
 
@@ -296,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--max-quality-drop", type=float, default=1.0, metavar="POINTS",
                         help="accuracy points any task may lose (default: %(default)s)")
     search.add_argument("--tasks", nargs="+", help=f"quality tasks (default: {' '.join(DEFAULT_TASKS)})")
-    search.add_argument("--eval-limit", type=int, default=500, help="examples per task (0: all)")
+    search.add_argument("--eval-limit", type=int, help="examples per task (default: 500; 0: all)")
     search.add_argument("--ttft-tokens", type=int, help="prompt length of the speed pass (default: 2048)")
     search.add_argument("--serving-requests", type=int, help="requests of the speed pass's serving run (default: 8)")
     _add_distill_config_flags(search)

@@ -25,9 +25,9 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from swiftkv.build import process_state, run_build
+from swiftkv.build import run_build
 from swiftkv.checkpoint import output_folder
-from swiftkv.distill import DistillConfig
+from swiftkv.distill import DistillConfig, process_state
 from swiftkv.eval import DEFAULT_TASKS
 
 BUDGET_METRICS = ("acc_norm", "acc")  # per task, the first one it reports counts against the budget

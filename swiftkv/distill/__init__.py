@@ -65,6 +65,15 @@ def distillation_blocks(sources: list[str], model: str, tokenizer, config: Disti
     return records, train_blocks, eval_blocks
 
 
+def process_state():
+    """This process's accelerate state (one process unless launched by `accelerate launch` / torchrun). The
+    Accelerator made later reads ACCELERATE_USE_CPU too; the first state created decides for both."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def distill(model: str, out_dir: str | Path, data: list[str] | None = None, teacher: Optional[str] = None,
             config: DistillConfig | None = None, resume: bool = False) -> tuple[Path, TrainerState]:
     """Distill the SwiftKV checkpoint `model` and save the result (full checkpoint + tokenizer) to `out_dir`."""
@@ -82,11 +91,7 @@ def distill(model: str, out_dir: str | Path, data: list[str] | None = None, teac
     tokenizer = load_tokenizer(model)
     teacher_model = load_model(teacher, dtype="float32") if teacher else None
 
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    # The Accelerator made later reads ACCELERATE_USE_CPU too; the first state created decides for both.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = process_state()
     with state.main_process_first():  # one process writes the teacher corpus; the others read it
         _, train_blocks, eval_blocks = distillation_blocks(data or [DEFAULT_DATA], model, tokenizer, config, teacher)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,4 +107,5 @@ def distill(model: str, out_dir: str | Path, data: list[str] | None = None, teac
     return out_dir / "model", state
 
 
-__all__ = ["DistillConfig", "DistillTrainer", "DataError", "distill", "distillation_blocks", "load_records"]
+__all__ = ["DistillConfig", "DistillTrainer", "DataError", "distill", "distillation_blocks", "load_records",
+           "process_state"]

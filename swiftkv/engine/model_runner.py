@@ -317,20 +317,21 @@ class ModelRunner:
     def _decoded(self, stored: torch.Tensor) -> torch.Tensor:
         return (stored.view(torch.float8_e4m3fn) if self.kv_cache_dtype == "fp8" else stored).to(self.dtype)
 
-    def _encoded(self, states: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def _encoded(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """8-bit codes of `states` and their scale per token and head (absmax / the format's largest value)."""
+        top = FP8_MAX if self.kv_cache_dtype == "fp8" else 127
+        scale = states.abs().amax(-1, keepdim=True).clamp(min=1e-8) / top
         if self.kv_cache_dtype == "fp8":
-            return (states / scale).to(torch.float8_e4m3fn).view(torch.uint8)
-        return (states / scale).round().clamp(-127, 127).to(torch.int8)
+            return (states / scale).to(torch.float8_e4m3fn).view(torch.uint8), scale
+        return (states / scale).round().clamp(-127, 127).to(torch.int8), scale
 
     def _write(self, entries: slice, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """K/V `[tokens, len(entries), kv_heads, d]` of the tokens at `slots` `[tokens]` into cache `entries`."""
-        top = FP8_MAX if self.kv_cache_dtype == "fp8" else 127
         for cache, scale_name, states in ((self.k_cache, "k_scale", keys), (self.v_cache, "v_scale", values)):
             states = states.permute(1, 2, 0, 3)  # [entries, kv_heads, tokens, d]
             if self.quantized:
-                scale = states.abs().amax(-1, keepdim=True).clamp(min=1e-8) / top
+                states, scale = self._encoded(states)
                 getattr(self, scale_name)[entries].index_copy_(2, slots, scale.to(self.dtype))
-                states = self._encoded(states, scale)
             cache[entries].index_copy_(2, slots, states)
 
     # Layers
