@@ -3,6 +3,7 @@
 Systems (same weights, dtype and threads):
   hf            transformers generate on the base model (prefill = one forward with logits_to_keep=1)
   engine-base   this engine on the base model
+  engine-base-eager  the same without CUDA graphs (on a GPU: what graph replay of decode steps saves)
   swiftkv-g1    this engine on SwiftKV-50% (num_key_value_layers=15 of 30, no AcrossKV)
   swiftkv-g2    this engine on SwiftKV with AcrossKV groups of 2 (num_key_value_layers=16: (30-l) % 2 == 0)
   llamacpp-bf16 llama.cpp on a BF16 GGUF of the same weights, llamacpp-q4_1 on the shipped Q4_1 GGUF
@@ -10,7 +11,8 @@ Systems (same weights, dtype and threads):
 (for another depth L: l = L/2, rounded up for groups of 2). `--weights int8|int4` quantizes the engine's.
 Every system also runs one request end to end (`--e2e` tokens in / out, greedy): what a user waits.
 Serving replays Poisson arrivals of `--requests` requests (`--input-len` in / `--output-len` out) into the
-engine in-process, under one fixed KV-cache budget; metrics are named as in `vllm bench serve`.
+engine in-process, under one fixed KV-cache budget; metrics are named as in `vllm bench serve`, plus the
+paper's normalized throughput: the base model's FLOPs for the tokens served, per second (`base_model_flops`).
 Speed does not depend on the SwiftKV weights, so an untrained conversion is measured; `--random-weights SHAPE`
 times a random-weight model of that shape (on a GPU, where only the repository travels; `--model` then only
 supplies the tokenizer). Writes JSON and a PNG.
@@ -160,8 +162,9 @@ def main() -> None:
     serve_prompts = [text_ids[i * 997:i * 997 + args.input_len] for i in range(args.requests)]
     arrivals = poisson_arrivals(args.requests, args.request_rate)
     layers = swiftkv_layer_counts(base.config.num_hidden_layers)
-    models = {"engine-base": base, "swiftkv-g1": convert_to_swiftkv(base, layers[1], 1),
+    models = {"engine-base": base, "engine-base-eager": base, "swiftkv-g1": convert_to_swiftkv(base, layers[1], 1),
               "swiftkv-g2": convert_to_swiftkv(base, layers[2], 2)}
+    served_flops = args.requests * base_model_flops(base.config, args.input_len, args.output_len)
     results = {"settings": vars(args), "date": time.strftime("%Y-%m-%d"), "device": device_name(args.device),
                "threads": torch.get_num_threads(), "systems": {}}
     out = Path(args.out)
@@ -180,8 +183,9 @@ def main() -> None:
             row["e2e_s"] = hf_generate_s(base, text_ids[:args.e2e[0]], args.e2e[1])
             row["serving"] = serve_hf(base, serve_prompts, arrivals, args.output_len)
         else:
+            graphs = system != "engine-base-eager"
             config = EngineConfig(dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
-                                  max_prefill_tokens=max(args.ttft_lengths), weights=args.weights)
+                                  max_prefill_tokens=max(args.ttft_lengths), weights=args.weights, cuda_graphs=graphs)
             engine = LLMEngine(models[system], tokenizer, config)
             row["kv_cache_capacity_tokens"] = engine.capacity_tokens
             engine_ttft(engine, text_ids[:64], 1)  # warm-up
@@ -191,8 +195,11 @@ def main() -> None:
                 engine, [text_ids[i * 500:i * 500 + 128] for i in range(args.decode_batch)], args.decode_tokens)
             row["e2e_s"] = engine_e2e_s(engine, text_ids[:args.e2e[0]], args.e2e[1])
             engine = LLMEngine(models[system], tokenizer, EngineConfig(dtype=args.dtype, weights=args.weights,
-                                                                        kv_cache_memory_gb=args.kv_cache_memory_gb))
+                                                                        kv_cache_memory_gb=args.kv_cache_memory_gb,
+                                                                        cuda_graphs=graphs))
             row["serving"] = serve_engine(engine, serve_prompts, arrivals, args.output_len)
+        if "serving" in row:
+            row["serving"]["normalized_tflops_per_s"] = served_flops / row["serving"]["duration_s"] / 1e12
         print(json.dumps(row, indent=1), flush=True)
         results["systems"][system] = row
         add_ratios(results)
@@ -200,6 +207,20 @@ def main() -> None:
     plot(results, out.with_suffix(".png"))
     print(json.dumps(results["ratios"], indent=1))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+def base_model_flops(config, input_len: int, output_len: int) -> float:
+    """FLOPs the base model spends on one request of `input_len` prompt tokens and `output_len` generated ones:
+    2 per weight per token (the projections, MLPs and lm_head) and 4 x head dim x query heads per layer per
+    attended key (QK^T and PV, causal), as the paper counts normalized throughput."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    hidden, kv = config.hidden_size, config.num_key_value_heads * head_dim
+    per_layer = hidden * (config.num_attention_heads * head_dim) * 2 + hidden * kv * 2 \
+        + 3 * hidden * config.intermediate_size
+    weights = config.num_hidden_layers * per_layer + hidden * config.vocab_size
+    tokens = input_len + output_len - 1  # the last token is sampled, never run
+    keys = tokens * (tokens + 1) / 2      # token t attends t + 1 keys
+    return 2 * weights * tokens + 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * keys
 
 
 def add_ratios(results: dict) -> None:

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The CUDA path and GPU timings in one run, on a machine with an NVIDIA GPU and PyTorch:
 #   bash benchmarks/gpu_check.sh RESULTS_DIR
-# 1. tests/test_cuda.py (model, engine, least-squares start and distillation on CUDA)
-# 2. prefill, base vs SwiftKV-50%, of a random-weight Llama-3.1-8B shape (benchmarks/prefill.py)
-# 3. the engine (TTFT, decode, serving) on the Llama-3.1-8B shape (benchmarks/engine.py)
+# 1. tests/test_cuda.py and tests/test_paged_attention.py (model, engine with and without CUDA graphs, the paged
+#    attention kernel, least-squares start, distillation and eval on CUDA)
+# 2. the engine (TTFT, decode 1 and 32 streams, serving 24 x 2000/64) on the Llama-3.1-8B shape, with and
+#    without CUDA graphs (benchmarks/engine.py)
+# 3. prefill, base vs SwiftKV-50%, of a random-weight Llama-3.1-8B shape (benchmarks/prefill.py)
 # 4. `swiftkv distill` under `accelerate launch` on a random-weight SmolLM2-135M-shaped checkpoint
 # 5. prefill of the SmolLM2-135M shape
+# `GPU_CHECK_STEPS="tests engine"` runs only those steps (names: tests engine prefill distill prefill-small).
 # Each step has its own time limit and writes its own results, so one failure loses nothing else.
 # Only this repository travels to a lent GPU machine, so it reads the tokenizer from .gpu/smollm2-135m-no-weights,
 # wikitext from .gpu/data and, where the machine's transformers is not 4.57, wheels from .whl. Made here with:
@@ -27,24 +30,34 @@ fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD:$PWD/benchmarks HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export SWIFTKV_DATA_DIR=$PWD/.gpu/data TOKENIZERS_PARALLELISM=false
 tokenizer=.gpu/smollm2-135m-no-weights  # its config.json and tokenizer, no weights
+steps=${GPU_CHECK_STEPS:-tests engine prefill distill prefill-small}
 step() { echo "=== $* ($(date +%T))"; }
+wanted() { [[ " $steps " == *" $1 "* ]]; }
 
 step environment
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
+if wanted tests; then
 step tests on CUDA
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_paged_attention.py
+fi
 
+if wanted engine; then
+step engine
+timeout 330 python3 benchmarks/engine.py --model $tokenizer --random-weights llama-3.1-8b --device cuda \
+    --systems engine-base engine-base-eager swiftkv-g1 swiftkv-g2 \
+    --ttft-lengths 2048 8192 16384 --decode-tokens 32 --decode-batch 32 --requests 24 --input-len 2000 \
+    --output-len 64 --request-rate 1000 --kv-cache-memory-gb 4 --out "$results/engine_gpu_llama8b"
+fi
+
+if wanted prefill; then
 step prefill, Llama-3.1-8B shape
 timeout 120 python3 benchmarks/prefill.py --model $tokenizer --random-weights llama-3.1-8b --device cuda \
     --lengths 2048 8192 32768 --out "$results/prefill_gpu_llama8b"
+fi
 
-step engine
-timeout 200 python3 benchmarks/engine.py --model $tokenizer --random-weights llama-3.1-8b --device cuda \
-    --ttft-lengths 2048 8192 16384 --decode-tokens 32 --requests 24 --input-len 2000 --output-len 64 \
-    --request-rate 1000 --kv-cache-memory-gb 4 --out "$results/engine_gpu_llama8b"
-
+if wanted distill; then
 step distill under accelerate launch
 work=$(mktemp -d)
 python3 - "$work" "$tokenizer" <<'EOF'
@@ -64,8 +77,11 @@ timeout 150 python3 -m accelerate.commands.launch --num_processes 1 --num_machin
     -m swiftkv.cli distill --model "$work/swiftkv" --data "$work/data.jsonl" --out "$work/distill" \
     --max-steps 60 --micro-batch-size 8 --eval-every 30 --save-every 30 --least-squares-blocks 64
 cp "$work/distill/history.json" "$results/distill_gpu_history.json"
+fi
 
+if wanted prefill-small; then
 step prefill, SmolLM2-135M shape
 timeout 90 python3 benchmarks/prefill.py --model $tokenizer --random-weights smollm2-135m --device cuda \
     --lengths 2048 8192 32768 --out "$results/prefill_gpu_smollm2"
+fi
 step done

@@ -86,7 +86,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 ENGINE_FLAGS = ("dtype", "device", "kv_cache_memory_gb", "block_size", "max_num_seqs", "max_prefill_tokens",
-                "kv_cache_dtype", "weights")
+                "kv_cache_dtype", "weights", "cuda_graphs")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -103,13 +103,16 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=defaults.block_size)
     parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="sequences decoding at once")
     parser.add_argument("--max-prefill-tokens", type=int, default=defaults.max_prefill_tokens,
-                        help="prompt tokens per prefill chunk")
+                        help="prompt tokens per step (default: 1024 on a CPU, 8192 on a GPU)")
     parser.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype, choices=KV_CACHE_DTYPES,
                         help="int8 or fp8 (e4m3): 8-bit K/V with per-token scales (about 2x the tokens in the "
                              "same memory)")
     parser.add_argument("--weights", default=defaults.weights, choices=WEIGHT_FORMATS,
                         help="int8 / int4: weight-only quantized projections and lm_head, for faster decode "
                              "on CPU (auto: as loaded in --dtype)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=defaults.cuda_graphs,
+                        help="on a GPU, launch every decode step's kernels one by one instead of replaying "
+                             "CUDA graphs (slower; for debugging)")
 
 
 def _add_device_flag(parser: argparse.ArgumentParser, default: str = "auto") -> None:

@@ -40,9 +40,50 @@ def test_engine_on_cuda_is_greedy_token_for_token_equal_to_transformers_on_cuda(
     model = make_base_model("llama") if model_kind == "base" else swiftkv_model("llama", int(model_kind[-1]))
     model = model.to(CUDA)
     engine = engine_for(model)
-    assert engine.runner.k_cache.is_cuda
+    assert engine.runner.k_cache.is_cuda and engine.runner.decode_graphs is not None
     for prompt, output in zip(prompts(), run(engine, prompts(), GREEDY)):
         assert output.token_ids == hf_greedy(model, prompt, 10)
+
+
+@pytest.mark.parametrize("model_kind", ["base", "swiftkv-g2"])
+def test_decode_from_cuda_graphs_equals_eager_decode_and_transformers(model_kind):
+    """Requests ending at different steps, so the batch moves through several buckets, padded (5 -> 8, 3 -> 4);
+    the last request arrives two steps late, so its prompt runs in an eager mixed step between replays."""
+    model = make_base_model("llama") if model_kind == "base" else swiftkv_model("llama", 2)
+    model = model.to(CUDA)
+    token_prompts = prompts(6, seed=1)
+    lengths = [3, 12, 5, 9, 7, 12]
+    outputs = {}
+    for graphs in (True, False):
+        engine = engine_for(model, cuda_graphs=graphs, max_num_seqs=8)
+        assert (engine.runner.decode_graphs is not None) == graphs
+        sequences = [engine.add_request(prompt, SamplingParams(max_tokens=n, ignore_eos=True))
+                     for prompt, n in zip(token_prompts[:-1], lengths)]
+        engine.step(), engine.step()
+        sequences.append(engine.add_request(token_prompts[-1], SamplingParams(max_tokens=lengths[-1],
+                                                                              ignore_eos=True)))
+        while engine.has_unfinished():
+            engine.step()
+        outputs[graphs] = [sequence.output_token_ids for sequence in sequences]
+    assert outputs[True] == outputs[False]
+    for prompt, n, output in zip(token_prompts, lengths, outputs[True]):
+        assert output == hf_greedy(model, prompt, n)
+
+
+def test_paged_kernel_on_cuda_in_bf16_is_close_to_attention_over_gathered_keys():
+    from test_paged_attention import attention_over_gathered_keys
+    from swiftkv.engine.paged_attention import paged_decode_attention
+
+    generator = torch.Generator().manual_seed(0)
+    k_cache, v_cache = (torch.randn(8, 4096 * 16, 128, generator=generator).to(CUDA, torch.bfloat16) for _ in "kv")
+    key_counts = torch.tensor([1, 100, 3000, 8192], dtype=torch.int32)
+    block_tables = torch.stack([torch.randperm(4096, generator=generator)[:512] for _ in key_counts]).int()
+    query = torch.randn(4, 32, 128, generator=generator).to(CUDA, torch.bfloat16)
+    output = paged_decode_attention(query, k_cache, v_cache, block_tables.to(CUDA), key_counts.to(CUDA), 16,
+                                    128 ** -0.5)
+    expected = attention_over_gathered_keys(query.float().cpu(), k_cache.float().cpu(), v_cache.float().cpu(),
+                                            block_tables, key_counts, 16, 128 ** -0.5)
+    torch.testing.assert_close(output.float().cpu(), expected, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])

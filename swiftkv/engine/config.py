@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
@@ -11,8 +12,9 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0
     block_size: int = 16
     max_num_seqs: int = 32             # sequences decoding at once
-    max_prefill_tokens: int = 1024     # prompt tokens per prefill chunk
+    max_prefill_tokens: Optional[int] = None  # prompt tokens per step; None: 1024 on a CPU, 8192 on a GPU
     kv_cache_dtype: str = "auto"       # "int8" / "fp8" (e4m3): 8-bit K/V with per-token scales, ~2x the tokens
     reserve_output_tokens: bool = True  # admit a prompt only with KV room for every max_tokens: no preemption
     device: str = "auto"               # auto: CUDA when present; cpu, cuda, cuda:N
     weights: str = "auto"              # "int8" / "int4": weight-only quantized projections (engine/quantized.py)
+    cuda_graphs: bool = True           # on a GPU, replay decode steps from CUDA graphs (engine/cuda_graphs.py)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
@@ -20,6 +20,10 @@ from swiftkv.engine.scheduler import Scheduler
 from swiftkv.engine.sequence import Sequence
 
 Prompt = Union[str, list[int]]
+# Prompt tokens per step by default: on a CPU a 1024-token chunk already runs the matrix units at full speed
+# and each step holds up the decoding streams; on a GPU a step's fixed cost (~30 ms of launches for an 8B model)
+# is paid per step, so bigger chunks (vLLM's default budget) serve more.
+CPU_PREFILL_TOKENS, GPU_PREFILL_TOKENS = 1024, 8192
 logger = logging.getLogger(__name__)
 
 
@@ -56,8 +60,13 @@ class LLMEngine:
         quantize_weights(fuse_projections(model), config.weights)
         self.runner = ModelRunner(model, int(config.kv_cache_memory_gb * 2**30), config.block_size,
                                   config.kv_cache_dtype)
+        if config.max_prefill_tokens is None:  # a GPU runs big chunks at full speed; a CPU's would stall decodes
+            config = self.config = replace(config, max_prefill_tokens=GPU_PREFILL_TOKENS if
+                                           self.runner.device.type == "cuda" else CPU_PREFILL_TOKENS)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
         self.max_model_length = getattr(model.config, "max_position_embeddings", 2**31)
+        if config.cuda_graphs and self.runner.paged_decode:
+            self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_length)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         eos_token_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.config, "eos_token_id", None)))
         self.scheduler = Scheduler(config, self.blocks, eos_token_ids - {None})

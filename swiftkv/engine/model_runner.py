@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from swiftkv.engine import paged_attention
 from swiftkv.engine.block_manager import contiguous_start, slot_ids
 from swiftkv.engine.quantized import fuse_projections
 from swiftkv.engine.sequence import Chunk
@@ -50,14 +51,18 @@ class QueryRows:
     """Tokens that are each a sequence's only query in the batch (decode tokens; in SwiftKV's layers `>= l`,
     every token that gives logits), attending over their own contexts of `lengths` keys.
 
-    in_place_starts: each row's first slot when every row's context is one slot range read in place (fused
-    SDPA, row by row); else read_slots `[rows, T]` (padded) are gathered for one batched attention, with
-    mask `[rows, T]` over the padding (None for one row)."""
+    On a GPU, block_tables `[rows, blocks]` and key_counts `[rows]` (int32) for the paged kernel, which reads
+    K/V straight from the blocks (engine/paged_attention.py). On a CPU, in_place_starts: each row's first slot
+    when every row's context is one slot range read in place (fused SDPA, row by row); else read_slots
+    `[rows, T]` (padded) are gathered for one batched attention, with mask `[rows, T]` over the padding (None
+    for one row)."""
 
     lengths: list[int]
     in_place_starts: Optional[list[int]] = None
     read_slots: Optional[torch.Tensor] = None
     mask: Optional[torch.Tensor] = None
+    block_tables: Optional[torch.Tensor] = None
+    key_counts: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -102,7 +107,7 @@ class Batch:
 # row always (benchmarks/decode_attention.py: 27 vs 61 us per layer gathered at 128 keys, 230 vs 294 at 2048),
 # several rows once they hold more than this many keys each on average; below, gathering them into one padded
 # batch for two matmuls is faster (8 rows of 512 keys: 387 us gathered, 572 row by row; of 1024: 3,735 against
-# 1,065). On a GPU, where a kernel launch per row costs more than the gather, several rows are always gathered.
+# 1,065). On a GPU the paged kernel reads every row from its blocks in one launch (no gather, no launch per row).
 GATHERED_ROWS_MAX_MEAN_KEYS = 512
 
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # auto: the model's dtype
@@ -133,7 +138,10 @@ class ModelRunner:
     float8 e4m3 with one scale per token and head (absmax / 448, the format's largest value): about half the
     bytes of bf16, the other half of the paper's KV-memory reduction. fp8 keeps more precision for small
     values (a float's relative step) where int8 keeps a uniform step; both are stored as bytes and converted
-    on read, so they run on any device (fp8 is stored as the bytes of e4m3: CPU kernels do not copy float8)."""
+    on read, so they run on any device (fp8 is stored as the bytes of e4m3: CPU kernels do not copy float8).
+
+    The cache holds one block more than the budget's `num_blocks`, never handed out: the scratch block that
+    padding rows of a CUDA-graph decode step write to and read from (engine/cuda_graphs.py)."""
 
     def __init__(self, model, kv_cache_bytes: int, block_size: int, kv_cache_dtype: str = "auto"):
         check_supported(model.config)
@@ -160,7 +168,8 @@ class ModelRunner:
         bytes_per_head = self.head_dim * storage.itemsize + (self.dtype.itemsize if self.quantized else 0)
         bytes_per_block = 2 * self.num_kv_entries * block_size * self.num_kv_heads * bytes_per_head
         self.num_blocks = int(kv_cache_bytes // bytes_per_block)
-        shape = (self.num_kv_entries, self.num_kv_heads, max(self.num_blocks, 1) * block_size, self.head_dim)
+        self.scratch_block = self.num_blocks
+        shape = (self.num_kv_entries, self.num_kv_heads, (self.num_blocks + 1) * block_size, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=storage, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=storage, device=self.device)
         if self.quantized:
@@ -169,6 +178,18 @@ class ModelRunner:
         self.group_leaders = config.group_leaders() if self.swiftkv else []
         if self.swiftkv:
             self.single_input_kv = self._stacked_single_input_kv()
+        # decode rows through the paged Triton kernel (8-bit caches are gathered and decoded instead)
+        self.paged_decode = self.device.type == "cuda" and not self.quantized and paged_attention.available()
+        self.decode_graphs = None
+
+    def capture_decode_graphs(self, max_batch: int, max_model_length: int) -> None:
+        """Replay decode-only steps of up to `max_batch` sequences from CUDA graphs (engine/cuda_graphs.py)."""
+        from swiftkv.engine.cuda_graphs import DecodeGraphs
+
+        if not self.paged_decode:
+            raise ValueError("CUDA graphs need a CUDA device, Triton and a kv_cache_dtype of 'auto'")
+        max_blocks = min(self.num_blocks, -(-max_model_length // self.block_size))
+        self.decode_graphs = DecodeGraphs(self, max_batch, max_blocks)
 
     def _stacked_single_input_kv(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(weight, bias) of every group's `k_proj_swiftkv` then `v_proj_swiftkv`, stacked (a small copy)."""
@@ -190,6 +211,8 @@ class ModelRunner:
     def run(self, chunks: list[Chunk]) -> list[Optional[torch.Tensor]]:
         """Run a step's chunks (their blocks reserved) in one forward: the logits `[vocab]` of each chunk that
         ends its sequence, None for a chunk that ends mid-prompt."""
+        if self.decode_graphs is not None and self.decode_graphs.can_run(chunks):
+            return list(self.decode_graphs.run(chunks))
         order = sorted(range(len(chunks)), key=lambda i: len(chunks[i]) > 1)  # single queries first, stable
         logits = self.forward(self._batch([chunks[i] for i in order]))
         results: list[Optional[torch.Tensor]] = [None] * len(chunks)
@@ -229,6 +252,9 @@ class ModelRunner:
         if not contexts:
             return QueryRows([])
         lengths = [keys for _, keys in contexts]
+        if self.paged_decode:
+            return QueryRows(lengths, block_tables=self._block_tables([sequence for sequence, _ in contexts], lengths),
+                             key_counts=torch.tensor(lengths, dtype=torch.int32).to(self.device))
         one = len(contexts) == 1
         row_by_row = self.device.type == "cpu" and sum(lengths) > GATHERED_ROWS_MAX_MEAN_KEYS * len(lengths)
         if not self.quantized and (one or row_by_row):
@@ -238,6 +264,15 @@ class ModelRunner:
         read = torch.nn.utils.rnn.pad_sequence([self._slots(s, 0, keys) for s, keys in contexts], batch_first=True)
         mask = None if one else torch.arange(read.shape[1], device=self.device)[None, :] < self._tensor(lengths)[:, None]
         return QueryRows(lengths, read_slots=read, mask=mask)
+
+    def _block_tables(self, sequences: list, lengths: list[int]) -> torch.Tensor:
+        """The blocks holding each sequence's first `lengths` keys, `[rows, most blocks]` int32 (padded)."""
+        width = max(-(-keys // self.block_size) for keys in lengths)
+        tables = torch.full((len(sequences), width), self.scratch_block, dtype=torch.int32)
+        for row, sequence in enumerate(sequences):
+            blocks = sequence.block_table[:width]
+            tables[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        return tables.to(self.device)
 
     def _prompt_span(self, chunk: Chunk, first: int) -> PromptSpan:
         sequence, keys = chunk.sequence, chunk.end
@@ -258,6 +293,10 @@ class ModelRunner:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _attend_rows(self, query: torch.Tensor, entry: int, rows: QueryRows) -> torch.Tensor:
+        if rows.block_tables is not None:
+            return paged_attention.paged_decode_attention(query, self.k_cache[entry], self.v_cache[entry],
+                                                          rows.block_tables, rows.key_counts, self.block_size,
+                                                          self.scaling)
         if rows.in_place_starts is not None:
             parts = [self._attend_in_place(query[row], entry, start, length)
                      for row, (start, length) in enumerate(zip(rows.in_place_starts, rows.lengths))]

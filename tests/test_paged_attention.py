@@ -1,0 +1,65 @@
+"""The paged decode-attention kernel reads each row's keys through its block table, exactly as attention over
+the gathered keys would; on a CPU it runs in Triton's interpreter (the same kernel source as on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from swiftkv.engine import paged_attention
+from swiftkv.engine.cuda_graphs import batch_buckets
+
+from test_engine import GREEDY, engine_for, hf_greedy, prompts, run, swiftkv_model
+
+pytestmark = pytest.mark.skipif(not paged_attention.available(), reason="needs Triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the compiled kernel, else the interpreter (conftest)
+
+
+def attention_over_gathered_keys(query, k_cache, v_cache, block_tables, key_counts, block_size, scale):
+    rows = []
+    for row in range(query.shape[0]):
+        positions = torch.arange(int(key_counts[row]))
+        slots = block_tables[row].long()[positions // block_size] * block_size + positions % block_size
+        output = F.scaled_dot_product_attention(query[row][None, :, None], k_cache[None, :, slots],
+                                                v_cache[None, :, slots], scale=scale, enable_gqa=True)
+        rows.append(output[0, :, 0].reshape(-1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size, splits", [
+    (4, 2, 16, 4, 1),     # the test models' shape, small blocks
+    (4, 2, 16, 4, 3),     # keys split three ways, some splits empty for the short rows
+    (9, 3, 64, 16, None),  # SmolLM2's GQA (3 query heads per KV head: padded to the kernel's 16)
+    (32, 8, 128, 16, 2),  # Llama-3.1-8B's
+])
+def test_kernel_equals_attention_over_gathered_keys(heads, kv_heads, head_dim, block_size, splits):
+    generator = torch.Generator().manual_seed(0)
+    num_blocks = 40
+    k_cache, v_cache = (torch.randn(kv_heads, num_blocks * block_size, head_dim, generator=generator) for _ in "kv")
+    key_counts = torch.tensor([1, 37, 5 * block_size], dtype=torch.int32)  # one key, a partial block, whole blocks
+    block_tables = torch.stack([torch.randperm(num_blocks, generator=generator)[:12] for _ in key_counts]).int()
+    query = torch.randn(3, heads + kv_heads, head_dim, generator=generator)[:, :heads]  # a strided view, as in the runner
+    scale = head_dim ** -0.5
+    output = paged_attention.paged_decode_attention(*(t.to(DEVICE) for t in (query, k_cache, v_cache, block_tables,
+                                                                              key_counts)), block_size, scale, splits)
+    output = output.cpu()
+    expected = attention_over_gathered_keys(query, k_cache, v_cache, block_tables, key_counts, block_size, scale)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_engine_decoding_through_the_kernel_equals_transformers(group_size):
+    model = swiftkv_model("llama", group_size).to(DEVICE)
+    engine = engine_for(model, cuda_graphs=False)
+    engine.runner.paged_decode = True  # what a GPU does (without graphs); on a CPU in the interpreter
+    for prompt, output in zip(prompts(3), run(engine, prompts(3), GREEDY)):
+        assert output.token_ids == hf_greedy(model, prompt, 10)
+
+
+def test_graph_buckets_cover_every_batch_size_up_to_the_largest():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert batch_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert all(any(bucket >= size for bucket in batch_buckets(24)) for size in range(1, 25))
