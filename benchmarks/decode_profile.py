@@ -3,8 +3,9 @@
 Runs `--steps` decode steps of one request (a prompt of `--prompt-len` tokens) and reports, per step, the
 self CPU time and call count of the top ops, next to the weight-streaming floor (the bytes of every weight
 matrix at the bandwidth `benchmarks/roofline.py` measured). `--weights int8|int4` profiles a quantized
-engine. `--compile` instead times `torch.compile(dynamic=True)` of the runner's decode step as written:
-compile time, ms per step, and whether the tokens match eager. Writes JSON and a PNG.
+engine. `--compile` instead times `torch.compile(dynamic=True)` of the runner's decode step, as written and
+with the KV-cache write as a custom op: compile time, ms per step, top ops, and whether the tokens match
+eager. Writes JSON (and, without `--compile`, a PNG).
 """
 
 from __future__ import annotations
@@ -51,20 +52,44 @@ def profile_ops(engine: LLMEngine, prompt: list[int], steps: int, top: int) -> t
              "calls_per_step": e.count / steps} for e in events[:top]], total_ms
 
 
+@torch.library.custom_op("swiftkv_bench::cache_write", mutates_args=("cache",))
+def cache_write(cache: torch.Tensor, first: int, last: int, slots: torch.Tensor, states: torch.Tensor) -> None:
+    """The runner's cache write as one opaque in-place op: inductor then leaves the cache alone instead of
+    copying the whole graph input it mutates."""
+    cache[first:last].index_copy_(2, slots, states)
+
+
+def write_through_custom_op(runner, entries: slice, slots, keys, values) -> None:
+    for cache, states in ((runner.k_cache, keys), (runner.v_cache, values)):
+        cache_write(cache, entries.start, entries.stop, slots, states.permute(1, 2, 0, 3))
+
+
 def compile_probe(engine: LLMEngine, prompt: list[int], steps: int) -> dict:
-    """torch.compile of the forward (`ModelRunner._forward`, every layer in one graph) against eager on the
-    same engine."""
+    """torch.compile(dynamic=True) of the forward (`ModelRunner._forward`, every layer in one graph) against
+    eager on the same engine: as written, and with the cache write as a custom op and guards evaluated only
+    while warming up (`skip_guard_eval_unsafe`), each with its top ops per step."""
     reference, eager_seconds = decode_steps(engine, prompt, steps)
-    runner = engine.runner
-    eager = runner._forward
-    runner._forward = torch.compile(eager, dynamic=True)
-    started = time.perf_counter()
-    decode_steps(engine, prompt, 8)
-    compile_seconds = time.perf_counter() - started
-    tokens, compiled_seconds = decode_steps(engine, prompt, steps)
-    runner._forward = eager
-    return {"compile_and_first_steps_s": compile_seconds, "eager_ms_per_step": 1000 * eager_seconds,
-            "compiled_ms_per_step": 1000 * compiled_seconds, "tokens_equal": tokens == reference}
+    runner, result = engine.runner, {"eager_ms_per_step": 1000 * eager_seconds}
+    eager_forward, eager_write = runner._forward, runner._write
+    for variant in ("as_written", "custom_op_cache_write"):
+        torch._dynamo.reset()
+        if variant == "custom_op_cache_write":
+            runner._write = lambda *args: write_through_custom_op(runner, *args)
+        runner._forward = torch.compile(eager_forward, dynamic=True)
+        started = time.perf_counter()
+        decode_steps(engine, prompt, 8)
+        row = {"compile_and_first_steps_s": time.perf_counter() - started}
+        stance = torch.compiler.set_stance(skip_guard_eval_unsafe=True) if variant != "as_written" else nullcontext()
+        with stance:
+            tokens, compiled_seconds = decode_steps(engine, prompt, steps)
+            profiler = profile(activities=[ProfilerActivity.CPU])
+            decode_steps(engine, prompt, 8, profiler)
+        events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
+        row.update({"compiled_ms_per_step": 1000 * compiled_seconds, "tokens_equal": tokens == reference,
+                    "top_ops_ms_per_step": {e.key[:60]: e.self_cpu_time_total / 1000 / 8 for e in events}})
+        result[variant] = row
+        runner._forward, runner._write = eager_forward, eager_write
+    return result
 
 
 def main() -> None:

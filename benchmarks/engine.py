@@ -4,6 +4,8 @@ Systems (same weights, dtype and threads):
   hf            transformers generate on the base model (prefill = one forward with logits_to_keep=1)
   engine-base   this engine on the base model
   engine-base-eager  the same without CUDA graphs (on a GPU: what graph replay of decode steps saves)
+  <engine system>-compiled  with one-stream decode through torch.compile (CPU; `compile_decode`), e.g.
+                engine-base-compiled, swiftkv-g1-compiled; its start-up compile time is reported
   swiftkv-g1    this engine on SwiftKV-50% (num_key_value_layers=15 of 30, no AcrossKV)
   swiftkv-g2    this engine on SwiftKV with AcrossKV groups of 2 (num_key_value_layers=16: (30-l) % 2 == 0)
   llamacpp-bf16 llama.cpp on a BF16 GGUF of the same weights, llamacpp-q4_1 on the shipped Q4_1 GGUF
@@ -162,7 +164,7 @@ def main() -> None:
     serve_prompts = [text_ids[i * 997:i * 997 + args.input_len] for i in range(args.requests)]
     arrivals = poisson_arrivals(args.requests, args.request_rate)
     layers = swiftkv_layer_counts(base.config.num_hidden_layers)
-    models = {"engine-base": base, "engine-base-eager": base, "swiftkv-g1": convert_to_swiftkv(base, layers[1], 1),
+    models = {"engine-base": base, "swiftkv-g1": convert_to_swiftkv(base, layers[1], 1),
               "swiftkv-g2": convert_to_swiftkv(base, layers[2], 2)}
     served_flops = args.requests * base_model_flops(base.config, args.input_len, args.output_len)
     results = {"settings": vars(args), "date": time.strftime("%Y-%m-%d"), "device": device_name(args.device),
@@ -183,20 +185,21 @@ def main() -> None:
             row["e2e_s"] = hf_generate_s(base, text_ids[:args.e2e[0]], args.e2e[1])
             row["serving"] = serve_hf(base, serve_prompts, arrivals, args.output_len)
         else:
-            graphs = system != "engine-base-eager"
+            model_name, options = engine_variant(system)
             config = EngineConfig(dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
-                                  max_prefill_tokens=max(args.ttft_lengths), weights=args.weights, cuda_graphs=graphs)
-            engine = LLMEngine(models[system], tokenizer, config)
+                                  max_prefill_tokens=max(args.ttft_lengths), weights=args.weights, **options)
+            engine = LLMEngine(models[model_name], tokenizer, config)
             row["kv_cache_capacity_tokens"] = engine.capacity_tokens
+            if engine.runner.compiled_decode is not None:
+                row["compile_seconds"] = engine.runner.compile_seconds
             engine_ttft(engine, text_ids[:64], 1)  # warm-up
             row["ttft_s"] = {n: engine_ttft(engine, text_ids[:n], args.repeats) for n in args.ttft_lengths}
             row["decode_1"] = engine_decode_ms(engine, [text_ids[:128]], args.decode_tokens)
             row[f"decode_{args.decode_batch}"] = engine_decode_ms(
                 engine, [text_ids[i * 500:i * 500 + 128] for i in range(args.decode_batch)], args.decode_tokens)
             row["e2e_s"] = engine_e2e_s(engine, text_ids[:args.e2e[0]], args.e2e[1])
-            engine = LLMEngine(models[system], tokenizer, EngineConfig(dtype=args.dtype, weights=args.weights,
-                                                                        kv_cache_memory_gb=args.kv_cache_memory_gb,
-                                                                        cuda_graphs=graphs))
+            engine = LLMEngine(models[model_name], tokenizer, EngineConfig(
+                dtype=args.dtype, weights=args.weights, kv_cache_memory_gb=args.kv_cache_memory_gb, **options))
             row["serving"] = serve_engine(engine, serve_prompts, arrivals, args.output_len)
         if "serving" in row:
             row["serving"]["normalized_tflops_per_s"] = served_flops / row["serving"]["duration_s"] / 1e12
@@ -207,6 +210,18 @@ def main() -> None:
     plot(results, out.with_suffix(".png"))
     print(json.dumps(results["ratios"], indent=1))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+ENGINE_VARIANTS = {"-eager": {"cuda_graphs": False}, "-compiled": {"compile_decode": True}}
+
+
+def engine_variant(system: str) -> tuple[str, dict]:
+    """An engine system's model ("engine-base", "swiftkv-g1", ...) and the `EngineConfig` options of its
+    variant suffix, if any."""
+    for suffix, options in ENGINE_VARIANTS.items():
+        if system.endswith(suffix):
+            return system.removesuffix(suffix), options
+    return system, {}
 
 
 def base_model_flops(config, input_len: int, output_len: int) -> float:

@@ -86,7 +86,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 ENGINE_FLAGS = ("dtype", "device", "kv_cache_memory_gb", "block_size", "max_num_seqs", "max_prefill_tokens",
-                "kv_cache_dtype", "weights", "cuda_graphs")
+                "kv_cache_dtype", "weights", "cuda_graphs", "compile_decode")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -113,6 +113,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=defaults.cuda_graphs,
                         help="on a GPU, launch every decode step's kernels one by one instead of replaying "
                              "CUDA graphs (slower; for debugging)")
+    parser.add_argument("--compile-decode", action="store_true", default=defaults.compile_decode,
+                        help="on a CPU, torch.compile one-stream decode steps (~20%% faster per token; compiles "
+                             "for 15-60 s at start)")
 
 
 def _add_device_flag(parser: argparse.ArgumentParser, default: str = "auto") -> None:

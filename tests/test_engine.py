@@ -386,3 +386,19 @@ def test_an_8_bit_kv_cache_doubles_capacity_and_keeps_logits_close(kv_cache_dtyp
         logits.append(engine.runner.run([Chunk(sequence, 0, len(prompt))])[0])
     assert (logits[1] - logits[0]).abs().max() < tolerance * logits[0].std()
     assert logits[1].argmax() == logits[0].argmax()
+
+
+@pytest.mark.parametrize("model_kind", ["base", "swiftkv-g2"])
+def test_compiled_one_stream_decode_equals_eager_decode_and_transformers(model_kind):
+    model = make_base_model("llama") if model_kind == "base" else swiftkv_model("llama", 2)
+    compiled = engine_for(model, compile_decode=True)
+    assert compiled.runner.compile_seconds > 0  # compiled at start, on a dummy step
+    graph, calls = compiled.runner.compiled_decode, []
+    compiled.runner.compiled_decode = lambda batch: calls.append(batch) or graph(batch)
+    for checked, prompt in zip((True, False), prompts(2)):  # one request at a time: lone in-place rows
+        with pytest.MonkeyPatch.context() as patch, torch._dynamo.config.patch(error_on_recompile=True):
+            patch.setattr(model_runner, "SKIP_COMPILED_GUARDS", not checked)  # checked: every length passes
+            output = run(compiled, [prompt], GREEDY)[0]                       # the start-up graph's guards
+        assert output.token_ids == run(engine_for(model), [prompt], GREEDY)[0].token_ids
+        assert output.token_ids == hf_greedy(model, prompt, 10)
+    assert len(calls) == 2 * 9  # the 9 decode steps of each request (the first token comes from prefill)

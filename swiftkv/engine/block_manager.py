@@ -19,11 +19,13 @@ from swiftkv.engine.sequence import Sequence
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    """Hands out blocks `first_block .. first_block + num_blocks - 1` (the runner keeps block 0 as scratch)."""
+
+    def __init__(self, num_blocks: int, block_size: int, first_block: int = 0):
         if num_blocks < 1:
             raise ValueError("the KV cache budget holds no block: raise kv_cache_memory or lower block_size")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.free_blocks: deque[int] = deque(range(first_block, first_block + num_blocks))
         self._free: set[int] = set(self.free_blocks)
 
     @property

@@ -63,10 +63,12 @@ class LLMEngine:
         if config.max_prefill_tokens is None:  # a GPU runs big chunks at full speed; a CPU's would stall decodes
             config = self.config = replace(config, max_prefill_tokens=GPU_PREFILL_TOKENS if
                                            self.runner.device.type == "cuda" else CPU_PREFILL_TOKENS)
-        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size, first_block=self.runner.first_block)
         self.max_model_length = getattr(model.config, "max_position_embeddings", 2**31)
         if config.cuda_graphs and self.runner.paged_decode:
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_length)
+        if config.compile_decode and self.runner.device.type == "cpu":
+            self.runner.compile_decode()
         self.vocab_size = model.get_input_embeddings().num_embeddings
         eos_token_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.config, "eos_token_id", None)))
         self.scheduler = Scheduler(config, self.blocks, eos_token_ids - {None})

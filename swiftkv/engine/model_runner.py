@@ -111,6 +111,7 @@ class Batch:
 GATHERED_ROWS_MAX_MEAN_KEYS = 512
 
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # auto: the model's dtype
+SKIP_COMPILED_GUARDS = True  # compiled one-stream decode: do not re-check its one graph's guards every step
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 # Rotary embeddings whose frequencies change with the sequence length: K/V cached at one length would be
@@ -140,8 +141,9 @@ class ModelRunner:
     values (a float's relative step) where int8 keeps a uniform step; both are stored as bytes and converted
     on read, so they run on any device (fp8 is stored as the bytes of e4m3: CPU kernels do not copy float8).
 
-    The cache holds one block more than the budget's `num_blocks`, never handed out: the scratch block that
-    padding rows of a CUDA-graph decode step write to and read from (engine/cuda_graphs.py)."""
+    The cache holds one block more than the budget's `num_blocks`, block 0, never handed out: the scratch block
+    that padding rows of a CUDA-graph decode step write to and read from (engine/cuda_graphs.py). Sequences'
+    blocks start at 1, so no sequence's keys start at slot 0, a value torch.compile would specialise on."""
 
     def __init__(self, model, kv_cache_bytes: int, block_size: int, kv_cache_dtype: str = "auto"):
         check_supported(model.config)
@@ -168,7 +170,7 @@ class ModelRunner:
         bytes_per_head = self.head_dim * storage.itemsize + (self.dtype.itemsize if self.quantized else 0)
         bytes_per_block = 2 * self.num_kv_entries * block_size * self.num_kv_heads * bytes_per_head
         self.num_blocks = int(kv_cache_bytes // bytes_per_block)
-        self.scratch_block = self.num_blocks
+        self.scratch_block, self.first_block = 0, 1
         shape = (self.num_kv_entries, self.num_kv_heads, (self.num_blocks + 1) * block_size, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=storage, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=storage, device=self.device)
@@ -181,6 +183,7 @@ class ModelRunner:
         # decode rows through the paged Triton kernel (8-bit caches are gathered and decoded instead)
         self.paged_decode = self.device.type == "cuda" and not self.quantized and paged_attention.available()
         self.decode_graphs = None
+        self.compiled_decode, self.compile_seconds = None, 0.0
 
     def capture_decode_graphs(self, max_batch: int, max_model_length: int) -> None:
         """Replay decode-only steps of up to `max_batch` sequences from CUDA graphs (engine/cuda_graphs.py)."""
@@ -190,6 +193,12 @@ class ModelRunner:
             raise ValueError("CUDA graphs need a CUDA device, Triton and a kv_cache_dtype of 'auto'")
         max_blocks = min(self.num_blocks, -(-max_model_length // self.block_size))
         self.decode_graphs = DecodeGraphs(self, max_batch, max_blocks)
+
+    def compile_decode(self) -> None:
+        """Run one-stream decode steps through torch.compile (engine/compiled.py); compiles now."""
+        from swiftkv.engine.compiled import compile_lone_row_decode
+
+        self.compiled_decode = compile_lone_row_decode(self)
 
     def _stacked_single_input_kv(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(weight, bias) of every group's `k_proj_swiftkv` then `v_proj_swiftkv`, stacked (a small copy)."""
@@ -368,6 +377,9 @@ class ModelRunner:
         """K/V `[tokens, len(entries), kv_heads, d]` of the tokens at `slots` `[tokens]` into cache `entries`."""
         for cache, scale_name, states in ((self.k_cache, "k_scale", keys), (self.v_cache, "v_scale", values)):
             states = states.permute(1, 2, 0, 3)  # [entries, kv_heads, tokens, d]
+            if torch.compiler.is_compiling():  # one opaque in-place op: inductor would copy the whole cache
+                torch.ops.swiftkv.write_kv_cache(cache, entries.start, entries.stop, slots, states)
+                continue
             if self.quantized:
                 states, scale = self._encoded(states)
                 getattr(self, scale_name)[entries].index_copy_(2, slots, scale.to(self.dtype))
@@ -425,6 +437,9 @@ class ModelRunner:
         (benchmarks/roofline.py), so that case runs with oneDNN off.
         """
         single_token = batch.input_ids.numel() == 1 and self.device.type == "cpu"
+        if single_token and self.compiled_decode is not None and batch.rows.in_place_starts is not None:
+            with onednn(enabled=False), torch.compiler.set_stance(skip_guard_eval_unsafe=SKIP_COMPILED_GUARDS):
+                return self.compiled_decode(batch)  # its one graph: guards checked at compile only (compiled.py)
         with onednn(enabled=not single_token):
             return self._forward(batch)
 
