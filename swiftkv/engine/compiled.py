@@ -33,7 +33,8 @@ def write_kv_cache(cache: torch.Tensor, first: int, last: int, slots: torch.Tens
 
 def compile_lone_row_decode(runner):
     """`runner._forward` compiled for single-row in-place decode batches, compiled now on a dummy step that
-    writes to the scratch block (returns the compiled function; logs how long compiling took)."""
+    writes to the scratch block (returns the compiled function; `runner.compile_seconds` says how long
+    compiling took)."""
     from swiftkv.engine.model_runner import Batch, QueryRows, onednn
 
     if runner.quantized:

@@ -62,17 +62,15 @@ class DecodeGraphs:
         size = len(chunks)
         bucket = next(b for b in self.buckets if b >= size)
         block_size, scratch, padding = self.runner.block_size, self.runner.scratch_block, bucket - size
-        width = max(-(-chunk.end // block_size) for chunk in chunks)
-        tables = [chunk.sequence.block_table[:width] for chunk in chunks]
         inputs = torch.tensor([  # token, position, write slot, key count of each row, then the padding rows'
             [chunk.sequence.token_ids[chunk.start] for chunk in chunks] + [0] * padding,
             [chunk.start for chunk in chunks] + [0] * padding,
-            [table[chunk.start // block_size] * block_size + chunk.start % block_size
-             for chunk, table in zip(chunks, tables)] + [scratch * block_size] * padding,
+            [chunk.sequence.block_table[chunk.start // block_size] * block_size + chunk.start % block_size
+             for chunk in chunks] + [scratch * block_size] * padding,
             [chunk.end for chunk in chunks] + [1] * padding,
         ]).to(self.runner.device)
-        tables = torch.tensor([table + [scratch] * (width - len(table)) for table in tables]
-                              + [[scratch] * width] * padding, dtype=torch.int32)
+        tables = self.runner.block_tables([chunk.sequence for chunk in chunks], [chunk.end for chunk in chunks], bucket)
+        width = tables.shape[1]
         self.input_ids[:bucket].copy_(inputs[0])
         self.positions[:bucket].copy_(inputs[1])
         self.write_slots[:bucket].copy_(inputs[2])

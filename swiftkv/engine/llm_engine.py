@@ -21,7 +21,7 @@ from swiftkv.engine.sequence import Sequence
 
 Prompt = Union[str, list[int]]
 # Prompt tokens per step by default: on a CPU a 1024-token chunk already runs the matrix units at full speed
-# and each step holds up the decoding streams; on a GPU a step's fixed cost (~30 ms of launches for an 8B model)
+# and each step holds up the decoding streams; on a GPU a step's fixed cost (~20 ms of launches for an 8B model)
 # is paid per step, so bigger chunks (vLLM's default budget) serve more.
 CPU_PREFILL_TOKENS, GPU_PREFILL_TOKENS = 1024, 8192
 logger = logging.getLogger(__name__)

@@ -262,7 +262,8 @@ class ModelRunner:
             return QueryRows([])
         lengths = [keys for _, keys in contexts]
         if self.paged_decode:
-            return QueryRows(lengths, block_tables=self._block_tables([sequence for sequence, _ in contexts], lengths),
+            tables = self.block_tables([sequence for sequence, _ in contexts], lengths)
+            return QueryRows(lengths, block_tables=tables.to(self.device),
                              key_counts=torch.tensor(lengths, dtype=torch.int32).to(self.device))
         one = len(contexts) == 1
         row_by_row = self.device.type == "cpu" and sum(lengths) > GATHERED_ROWS_MAX_MEAN_KEYS * len(lengths)
@@ -274,14 +275,14 @@ class ModelRunner:
         mask = None if one else torch.arange(read.shape[1], device=self.device)[None, :] < self._tensor(lengths)[:, None]
         return QueryRows(lengths, read_slots=read, mask=mask)
 
-    def _block_tables(self, sequences: list, lengths: list[int]) -> torch.Tensor:
-        """The blocks holding each sequence's first `lengths` keys, `[rows, most blocks]` int32 (padded)."""
+    def block_tables(self, sequences: list, lengths: list[int], rows: int = 0) -> torch.Tensor:
+        """The blocks holding each sequence's first `lengths` keys, `[max(rows, sequences), most blocks]` int32
+        on the CPU, padded with the scratch block (as are the rows past the sequences')."""
         width = max(-(-keys // self.block_size) for keys in lengths)
-        tables = torch.full((len(sequences), width), self.scratch_block, dtype=torch.int32)
-        for row, sequence in enumerate(sequences):
-            blocks = sequence.block_table[:width]
-            tables[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        return tables.to(self.device)
+        tables = [sequence.block_table[:width] for sequence in sequences]
+        tables += [[]] * (rows - len(tables))
+        return torch.tensor([table + [self.scratch_block] * (width - len(table)) for table in tables],
+                            dtype=torch.int32)
 
     def _prompt_span(self, chunk: Chunk, first: int) -> PromptSpan:
         sequence, keys = chunk.sequence, chunk.end

@@ -15,6 +15,7 @@ is how the tests check it without a GPU.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Optional
@@ -91,10 +92,15 @@ def _kernel(device: torch.device):
     return _paged_decode_kernel
 
 
+@functools.lru_cache
+def _multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessor count (8 for the interpreter on a CPU), read once: splits are chosen per layer."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
 def default_splits(rows: int, kv_heads: int, device: torch.device) -> int:
     """Enough key splits that rows x KV heads x splits fills the GPU's multiprocessors twice, at most 16."""
-    processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(16, -(-2 * processors // (rows * kv_heads))))
+    return max(1, min(16, -(-2 * _multiprocessors(device) // (rows * kv_heads))))
 
 
 def _pow2(value: int) -> int:
