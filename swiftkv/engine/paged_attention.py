@@ -29,7 +29,7 @@ if importlib.util.find_spec("triton") is not None:
     import triton.language as tl
 
     # Integers that change from step to step are not specialized on (Triton otherwise compiles a variant for
-    # values of 1 and multiples of 16): a recompile in the middle of serving costs about a second.
+    # values of 1 and multiples of 16), and each recompile in the middle of serving stalls a step.
     @triton.jit(do_not_specialize=["table_row_stride", "out_row_stride", "out_head_stride", "lse_row_stride",
                                    "lse_head_stride", "block_size", "num_splits"])
     def _paged_decode_kernel(query, k_cache, v_cache, block_tables, key_counts, partial_out, partial_lse, scale,
