@@ -7,7 +7,10 @@ KV heads of 64, bf16), in a cache laid out as the engine's (`[kv_heads, slots, h
   batch of rows      `--rows` rows of the same length: gather + matmuls, SDPA with a padding mask, or each
                      row in place one after the other (the engine's choice above GATHERED_ROWS_MAX_MEAN_KEYS);
   keys split         one row in place with its keys split in two halves the kernel runs in parallel, merged
-                     by their log-sum-exp (flash-decoding), to use both cores.
+                     by their log-sum-exp (flash-decoding), to use both cores;
+  paged kernel       the engine's C++ kernel (engine/paged_attention_cpu.py): one row, and the batch of rows in
+                     one call, each following a block table of 16-slot blocks;
+  floor              the row's K and V bytes at `--bandwidth` GB/s (benchmarks/roofline.py measures it).
 Each cache read covers a different layer's slots per call, so timings include reading K/V from memory, as a
 decode step does. Writes JSON and a PNG.
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from swiftkv.engine import paged_attention_cpu
 from swiftkv.engine.model_runner import onednn
 from swiftkv.plotting import png_figure
 
@@ -42,8 +46,11 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096])
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--bandwidth", type=float, default=47.7, help="GB/s for the floor (roofline.py)")
     parser.add_argument("--out", default="benchmarks/results/decode_attention")
     args = parser.parse_args()
+    if not paged_attention_cpu.available():
+        raise SystemExit("the CPU paged-attention kernel could not be built (see the warning above)")
 
     longest = max(args.contexts)
     slots_per_layer = args.rows * longest
@@ -89,15 +96,30 @@ def main() -> None:
                     query.expand(KV_HEADS, 2, GROUP, HEAD_DIM), keys, vals, scale=scale)
                 return (output * torch.softmax(logsumexp, dim=1).unsqueeze(-1).to(output.dtype)).sum(1, keepdim=True)
 
+            block = 16
+            tables = (row_slots[:, ::block] // block).int()  # every row's blocks, in order
+            counts = torch.full((args.rows,), context, dtype=torch.int32)
+
+            def paged(layer, rows=args.rows):
+                query_rows = queries.transpose(0, 1)[:rows].reshape(rows, KV_HEADS * GROUP, HEAD_DIM)
+                return paged_attention_cpu.paged_decode_attention(query_rows, cache[layer], values[layer],
+                                                                  tables[:rows], counts[:rows], block, scale)
+
             torch.testing.assert_close(in_place(0), gather_matmuls(0), atol=2e-2, rtol=2e-2)
             torch.testing.assert_close(split_keys(0), in_place(0), atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(paged(0, 1).view(KV_HEADS, 1, GROUP, HEAD_DIM),
+                                       rows_in_place(0)[0], atol=2e-2, rtol=2e-2)
             row = {"one row, gather + matmuls": timed(gather_matmuls, args.repeats),
                    "one row, in place (SDPA)": timed(in_place, args.repeats),
                    f"{args.rows} rows, gather + matmuls": timed(
                        lambda layer: gather_matmuls(layer, row_slots, queries), args.repeats),
                    f"{args.rows} rows, gather + SDPA with mask": timed(batch_sdpa, args.repeats),
                    f"{args.rows} rows, each in place (SDPA)": timed(rows_in_place, args.repeats),
-                   "one row, in place, keys split in 2": timed(split_keys, args.repeats)}
+                   "one row, in place, keys split in 2": timed(split_keys, args.repeats),
+                   "one row, paged kernel": timed(lambda layer: paged(layer, 1), args.repeats),
+                   f"{args.rows} rows, paged kernel": timed(paged, args.repeats),
+                   "one row, floor": 1e6 * 2 * cache[0, :, :context].nbytes / (args.bandwidth * 1e9),
+                   f"{args.rows} rows, floor": 1e6 * 2 * args.rows * cache[0, :, :context].nbytes / (args.bandwidth * 1e9)}
             results["microseconds_per_layer"][context] = row
             print(context, {name: round(value, 1) for name, value in row.items()}, flush=True)
     out = Path(args.out)
@@ -106,7 +128,8 @@ def main() -> None:
     with png_figure(out.with_suffix(".png"), figsize=(8, 4.5)) as (fig, axis):
         contexts = list(results["microseconds_per_layer"])
         for name in results["microseconds_per_layer"][contexts[0]]:
-            axis.plot(contexts, [results["microseconds_per_layer"][c][name] for c in contexts], marker="o", label=name)
+            axis.plot(contexts, [results["microseconds_per_layer"][c][name] for c in contexts], label=name,
+                      marker="" if "floor" in name else "o", linestyle=":" if "floor" in name else "-")
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("context (keys)")

@@ -9,7 +9,7 @@ import torch
 
 from swiftkv.convert import convert_to_swiftkv
 from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
-from swiftkv.engine import model_runner
+from swiftkv.engine import model_runner, paged_attention_cpu
 from swiftkv.engine.block_manager import BlockManager, contiguous_start
 from swiftkv.engine.llm_engine import request_output
 from swiftkv.engine.sampler import nucleus
@@ -82,7 +82,14 @@ def test_batched_results_equal_single_request_results():
         assert run(engine_for(model), [prompt], GREEDY)[0].token_ids == output.token_ids
 
 
-def test_a_lone_request_reads_its_cache_in_place_and_gets_the_tokens_of_the_gathered_path(monkeypatch):
+@pytest.fixture
+def without_cpu_kernel(monkeypatch):
+    """The engine's PyTorch attention paths, which it takes where the CPU paged kernel cannot be built."""
+    monkeypatch.setenv(paged_attention_cpu.DISABLE_VARIABLE, "0")
+
+
+def test_a_lone_request_reads_its_cache_in_place_and_gets_the_tokens_of_the_gathered_path(monkeypatch,
+                                                                                           without_cpu_kernel):
     model = swiftkv_model()
     engine = engine_for(model)
     in_place_calls = []
@@ -141,7 +148,8 @@ def test_a_prompt_arriving_while_others_decode_runs_in_their_step_and_changes_no
 
 
 @pytest.mark.parametrize("in_place", [True, False])
-def test_decode_rows_read_in_place_one_by_one_or_gathered_give_the_same_tokens(monkeypatch, in_place):
+def test_decode_rows_read_in_place_one_by_one_or_gathered_give_the_same_tokens(monkeypatch, in_place,
+                                                                              without_cpu_kernel):
     model = swiftkv_model()
     expected = [run(engine_for(model), [p], GREEDY)[0].token_ids for p in prompts(4)]
     monkeypatch.setattr(model_runner, "GATHERED_ROWS_MAX_MEAN_KEYS", 0 if in_place else 10**9)
@@ -388,8 +396,10 @@ def test_an_8_bit_kv_cache_doubles_capacity_and_keeps_logits_close(kv_cache_dtyp
     assert logits[1].argmax() == logits[0].argmax()
 
 
-@pytest.mark.parametrize("model_kind", ["base", "swiftkv-g2"])
-def test_compiled_one_stream_decode_equals_eager_decode_and_transformers(model_kind):
+@pytest.mark.parametrize("model_kind, cpu_kernel", [("base", True), ("swiftkv-g2", True), ("swiftkv-g2", False)])
+def test_compiled_one_stream_decode_equals_eager_decode_and_transformers(model_kind, cpu_kernel, monkeypatch):
+    if not cpu_kernel:  # in place through SDPA, as where the CPU paged kernel cannot be built
+        monkeypatch.setenv(paged_attention_cpu.DISABLE_VARIABLE, "0")
     model = make_base_model("llama") if model_kind == "base" else swiftkv_model("llama", 2)
     compiled = engine_for(model, compile_decode=True)
     assert compiled.runner.compile_seconds > 0  # compiled at start, on a dummy step

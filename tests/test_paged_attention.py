@@ -53,7 +53,7 @@ def test_kernel_equals_attention_over_gathered_keys(heads, kv_heads, head_dim, b
 def test_engine_decoding_through_the_kernel_equals_transformers(group_size):
     model = swiftkv_model("llama", group_size).to(DEVICE)
     engine = engine_for(model, cuda_graphs=False)
-    engine.runner.paged_decode = True  # what a GPU does (without graphs); on a CPU in the interpreter
+    engine.runner.paged_kernel = paged_attention.paged_decode_attention  # a GPU's (without graphs); on a CPU interpreted
     for prompt, output in zip(prompts(3), run(engine, prompts(3), GREEDY)):
         assert output.token_ids == hf_greedy(model, prompt, 10)
 

@@ -8,10 +8,12 @@ Two things make the step compile into one graph that is reused for every length:
   * the KV-cache write is one opaque in-place custom op (`swiftkv::write_kv_cache`): as ATen ops on a view of
     the cache (a graph input), inductor functionalises the mutation and copies the whole cache every step
     (250 ms per step);
-  * the only integers in the step, the row's first slot and its length, are symbolic (`dynamic=True`) and
-    never 0 or 1, the values torch specialises on: sequences' blocks start at 1 (block 0 is scratch) and a
-    decoding row has at least two keys.
-Only lone in-place rows (one stream) take this path; batches and prompt chunks run eagerly (their structure
+  * the sizes that change from step to step are symbolic (`dynamic=True`) and never 0 or 1, the values torch
+    specialises on: the row's block table (at least two blocks wide) for the CPU paged-attention kernel
+    (engine/paged_attention_cpu.py, an opaque custom op here too); without that kernel, the row's first slot
+    and its length (sequences' blocks start at 1, block 0 being scratch, and a decoding row has at least two
+    keys).
+Only lone rows (one stream) take this path; batches and prompt chunks run eagerly (their structure
 changes from step to step, and each new structure would compile again). Since every step this path takes has
 the structure of the start-up step, the runner skips re-checking the graph's guards on each call
 (`skip_guard_eval_unsafe`: about 0.7 ms of a 12 ms step); tests/test_engine.py checks with guards on that no
@@ -27,27 +29,43 @@ import torch
 
 @torch.library.custom_op("swiftkv::write_kv_cache", mutates_args=("cache",))
 def write_kv_cache(cache: torch.Tensor, first: int, last: int, slots: torch.Tensor, states: torch.Tensor) -> None:
-    """`states` `[entries, kv_heads, tokens, d]` into cache entries `[first, last)` at `slots`."""
+    """`states` `[entries, kv_heads, tokens, d]` into cache entries `[first, last)` at `slots`. The C++ twin,
+    `torch.ops.swiftkv_cpu.write_kv_cache` (engine/paged_attention_cpu.py), saves ~14 us of Python per call
+    and is used where it is built."""
     cache[first:last].index_copy_(2, slots, states)
 
 
+def kv_cache_writer():
+    """The compiled step's KV-cache write op: the C++ one where the CPU kernels are built."""
+    from swiftkv.engine import paged_attention_cpu
+
+    return torch.ops.swiftkv_cpu.write_kv_cache if paged_attention_cpu.available() else torch.ops.swiftkv.write_kv_cache
+
+
 def compile_lone_row_decode(runner):
-    """`runner._forward` compiled for single-row in-place decode batches, compiled now on a dummy step that
+    """`runner._forward` compiled for single-row decode batches (block tables or in place), compiled now on a dummy step that
     writes to the scratch block (returns the compiled function; `runner.compile_seconds` says how long
     compiling took)."""
     from swiftkv.engine.model_runner import Batch, QueryRows, onednn
 
     if runner.quantized:
         raise ValueError("compile_decode needs kv_cache_dtype='auto' (8-bit caches are gathered, not read in place)")
+    runner.compiled_kv_write = kv_cache_writer()
     compiled = torch.compile(runner._forward, dynamic=True)
     device, block_size = runner.device, runner.block_size
-    rows = QueryRows([2], in_place_starts=[runner.first_block * block_size])  # two keys of block 1: only read
+    if runner.paged_kernel is not None:  # two keys of block 1, only read (tables are at least two blocks wide)
+        rows = QueryRows([2], block_tables=torch.full((1, 2), runner.first_block, dtype=torch.int32),
+                         key_counts=torch.tensor([2], dtype=torch.int32))
+    else:
+        rows = QueryRows([2], in_place_starts=[runner.first_block * block_size])
     batch = Batch(input_ids=torch.zeros(1, dtype=torch.long, device=device),
                   positions=torch.ones(1, dtype=torch.long, device=device),
                   write_slots=torch.full((1,), runner.scratch_block * block_size, device=device),
                   rows=rows, upper_rows=rows if runner.swiftkv else None)
     started = time.perf_counter()
-    with torch.inference_mode(), onednn(enabled=False):  # as `ModelRunner.forward` runs a single token
-        compiled(batch)
+    # no duck sizing: the dummy's sizes that equal by chance (its table's width and a model's KV heads, say)
+    # must not become one symbol, or a later step whose sizes differ would need a new graph
+    with torch.inference_mode(), onednn(enabled=False), torch.fx.experimental._config.patch(use_duck_shape=False):
+        compiled(batch)  # as `ModelRunner.forward` runs a single token
     runner.compile_seconds = time.perf_counter() - started
     return compiled

@@ -65,7 +65,7 @@ class LLMEngine:
                                            self.runner.device.type == "cuda" else CPU_PREFILL_TOKENS)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, first_block=self.runner.first_block)
         self.max_model_length = getattr(model.config, "max_position_embeddings", 2**31)
-        if config.cuda_graphs and self.runner.paged_decode:
+        if config.cuda_graphs and self.runner.device.type == "cuda" and self.runner.paged_kernel is not None:
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_length)
         if config.compile_decode and self.runner.device.type == "cpu":
             self.runner.compile_decode()

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from swiftkv.engine import paged_attention
+from swiftkv.engine import paged_attention, paged_attention_cpu
 from swiftkv.engine.block_manager import contiguous_start, slot_ids
 from swiftkv.engine.quantized import fuse_projections
 from swiftkv.engine.sequence import Chunk
@@ -51,11 +51,12 @@ class QueryRows:
     """Tokens that are each a sequence's only query in the batch (decode tokens; in SwiftKV's layers `>= l`,
     every token that gives logits), attending over their own contexts of `lengths` keys.
 
-    On a GPU, block_tables `[rows, blocks]` and key_counts `[rows]` (int32) for the paged kernel, which reads
-    K/V straight from the blocks (engine/paged_attention.py). On a CPU, in_place_starts: each row's first slot
-    when every row's context is one slot range read in place (fused SDPA, row by row); else read_slots
-    `[rows, T]` (padded) are gathered for one batched attention, with mask `[rows, T]` over the padding (None
-    for one row)."""
+    With a paged kernel (the GPU's Triton kernel, engine/paged_attention.py; the CPU's C++ kernel,
+    engine/paged_attention_cpu.py), block_tables `[rows, blocks]` and key_counts `[rows]` (int32): the kernel
+    reads K/V straight from the blocks. Without one (8-bit caches; a CPU where the kernel cannot be built),
+    in_place_starts: each row's first slot when every row's context is one slot range read in place (fused
+    SDPA, row by row); else read_slots `[rows, T]` (padded) are gathered for one batched attention, with mask
+    `[rows, T]` over the padding (None for one row)."""
 
     lengths: list[int]
     in_place_starts: Optional[list[int]] = None
@@ -103,8 +104,8 @@ class Batch:
         return self.logit_tokens is None or self.logit_tokens.numel() > 0
 
 
-# Single-query rows whose slots are one range read K/V in place through the fused SDPA kernel, row by row: a lone
-# row always (benchmarks/decode_attention.py: 27 vs 61 us per layer gathered at 128 keys, 230 vs 294 at 2048),
+# Without a paged kernel (see QueryRows), single-query rows whose slots are one range read K/V in place through the
+# fused SDPA kernel, row by row: a lone row always (benchmarks/decode_attention.py: 27 vs 61 us per layer gathered at 128 keys, 230 vs 294 at 2048),
 # several rows once they hold more than this many keys each on average; below, gathering them into one padded
 # batch for two matmuls is faster (8 rows of 512 keys: 387 us gathered, 572 row by row; of 1024: 3,735 against
 # 1,065). On a GPU the paged kernel reads every row from its blocks in one launch (no gather, no launch per row).
@@ -180,16 +181,20 @@ class ModelRunner:
         self.group_leaders = config.group_leaders() if self.swiftkv else []
         if self.swiftkv:
             self.single_input_kv = self._stacked_single_input_kv()
-        # decode rows through the paged Triton kernel (8-bit caches are gathered and decoded instead)
-        self.paged_decode = self.device.type == "cuda" and not self.quantized and paged_attention.available()
+        # decode rows through a paged kernel: Triton on a GPU, C++ on a CPU (8-bit caches are gathered instead)
+        self.paged_kernel = None
+        if not self.quantized and self.device.type == "cuda" and paged_attention.available():
+            self.paged_kernel = paged_attention.paged_decode_attention
+        elif not self.quantized and self.device.type == "cpu" and paged_attention_cpu.available():
+            self.paged_kernel = paged_attention_cpu.paged_decode_attention
         self.decode_graphs = None
-        self.compiled_decode, self.compile_seconds = None, 0.0
+        self.compiled_decode, self.compiled_kv_write, self.compile_seconds = None, None, 0.0
 
     def capture_decode_graphs(self, max_batch: int, max_model_length: int) -> None:
         """Replay decode-only steps of up to `max_batch` sequences from CUDA graphs (engine/cuda_graphs.py)."""
         from swiftkv.engine.cuda_graphs import DecodeGraphs
 
-        if not self.paged_decode:
+        if self.device.type != "cuda" or self.paged_kernel is None:
             raise ValueError("CUDA graphs need a CUDA device, Triton and a kv_cache_dtype of 'auto'")
         max_blocks = min(self.num_blocks, -(-max_model_length // self.block_size))
         self.decode_graphs = DecodeGraphs(self, max_batch, max_blocks)
@@ -261,7 +266,7 @@ class ModelRunner:
         if not contexts:
             return QueryRows([])
         lengths = [keys for _, keys in contexts]
-        if self.paged_decode:
+        if self.paged_kernel is not None:
             tables = self.block_tables([sequence for sequence, _ in contexts], lengths)
             return QueryRows(lengths, block_tables=tables.to(self.device),
                              key_counts=torch.tensor(lengths, dtype=torch.int32).to(self.device))
@@ -277,8 +282,9 @@ class ModelRunner:
 
     def block_tables(self, sequences: list, lengths: list[int], rows: int = 0) -> torch.Tensor:
         """The blocks holding each sequence's first `lengths` keys, `[max(rows, sequences), most blocks]` int32
-        on the CPU, padded with the scratch block (as are the rows past the sequences')."""
-        width = max(-(-keys // self.block_size) for keys in lengths)
+        on the CPU, padded with the scratch block (as are the rows past the sequences'). At least two blocks
+        wide, so that a compiled decode step never specialises on a width of 1 (engine/compiled.py)."""
+        width = max(2, *(-(-keys // self.block_size) for keys in lengths))
         tables = [sequence.block_table[:width] for sequence in sequences]
         tables += [[]] * (rows - len(tables))
         return torch.tensor([table + [self.scratch_block] * (width - len(table)) for table in tables],
@@ -304,9 +310,8 @@ class ModelRunner:
 
     def _attend_rows(self, query: torch.Tensor, entry: int, rows: QueryRows) -> torch.Tensor:
         if rows.block_tables is not None:
-            return paged_attention.paged_decode_attention(query, self.k_cache[entry], self.v_cache[entry],
-                                                          rows.block_tables, rows.key_counts, self.block_size,
-                                                          self.scaling)
+            return self.paged_kernel(query, self.k_cache[entry], self.v_cache[entry], rows.block_tables,
+                                     rows.key_counts, self.block_size, self.scaling)
         if rows.in_place_starts is not None:
             parts = [self._attend_in_place(query[row], entry, start, length)
                      for row, (start, length) in enumerate(zip(rows.in_place_starts, rows.lengths))]
@@ -379,7 +384,7 @@ class ModelRunner:
         for cache, scale_name, states in ((self.k_cache, "k_scale", keys), (self.v_cache, "v_scale", values)):
             states = states.permute(1, 2, 0, 3)  # [entries, kv_heads, tokens, d]
             if torch.compiler.is_compiling():  # one opaque in-place op: inductor would copy the whole cache
-                torch.ops.swiftkv.write_kv_cache(cache, entries.start, entries.stop, slots, states)
+                self.compiled_kv_write(cache, entries.start, entries.stop, slots, states)
                 continue
             if self.quantized:
                 states, scale = self._encoded(states)
@@ -438,7 +443,7 @@ class ModelRunner:
         (benchmarks/roofline.py), so that case runs with oneDNN off.
         """
         single_token = batch.input_ids.numel() == 1 and self.device.type == "cpu"
-        if single_token and self.compiled_decode is not None and batch.rows.in_place_starts is not None:
+        if single_token and self.compiled_decode is not None and batch.rows.read_slots is None:
             with onednn(enabled=False), torch.compiler.set_stance(skip_guard_eval_unsafe=SKIP_COMPILED_GUARDS):
                 return self.compiled_decode(batch)  # its one graph: guards checked at compile only (compiled.py)
         with onednn(enabled=not single_token):

@@ -1,0 +1,320 @@
+// Decode attention straight from the paged KV cache on a CPU, and the KV-cache write of a compiled decode step
+// (swiftkv/engine/paged_attention_cpu.py).
+//
+// One query token per row attends to the first key_counts[row] keys of its sequence, found through its block
+// table; the cache is head-major, [kv_heads, slots, head_dim], so each block of a head is one contiguous
+// [block_size, head_dim] run. Work is split over (row, KV head, share of the keys) so that one long row still
+// keeps every thread busy: each task scores its keys for the query heads that share the KV head (so K and V
+// are read once per group, not once per query head), then the shares are merged by their log-sum-exp
+// (flash-decoding). Arithmetic is float32; the dot products and the value sums are written as 16 independent
+// lanes so the compiler vectorises them without reassociating floats.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+
+inline float to_float(float x) { return x; }
+inline float to_float(at::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+inline float to_float(at::Half x) { return static_cast<float>(x); }
+
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+#if defined(__AVX512F__)
+// 16 consecutive values as float32 lanes
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+#if defined(__AVX512F__)
+// [sum(v[0]), ..., sum(v[15])]: 16 horizontal sums at once (about 3 shuffles and adds per vector, where 16
+// separate reductions cost about 8 each)
+inline __m512 sum16(const __m512* v) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: the lane's partial sums of v[4i .. 4i+3]
+    quads[i] = _mm512_add_ps(_mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0xEE));
+  const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x44),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], 0xEE));
+  const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x44),
+                                    _mm512_shuffle_f32x4(quads[2], quads[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(low, high, 0x88), _mm512_shuffle_f32x4(low, high, 0xDD));
+}
+#endif
+
+// scores[g * stride + j] = q[g] . key j, for `run` keys `slot_stride` apart and the group's query heads
+// (q: float, rows of `padded`)
+template <typename T>
+inline void score_run(const float* q, int64_t group, int64_t padded, int64_t dim, const T* keys,
+                      int64_t slot_stride, int64_t run, float* scores, int64_t stride) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  if (dim % kLanes == 0) {
+    for (; j + kLanes <= run; j += kLanes) {
+      for (int64_t g = 0; g < group; ++g) {
+        __m512 sums[kLanes];
+        for (int64_t key = 0; key < kLanes; ++key) {
+          const T* k = keys + (j + key) * slot_stride;
+          __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(q + g * padded), load16(k));
+          for (int64_t i = kLanes; i < dim; i += kLanes)
+            sum = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * padded + i), load16(k + i), sum);
+          sums[key] = sum;
+        }
+        _mm512_storeu_ps(scores + g * stride + j, sum16(sums));
+      }
+    }
+  }
+#endif
+  for (; j < run; ++j) {
+    const T* k = keys + j * slot_stride;
+    for (int64_t g = 0; g < group; ++g) {
+      float sum = 0.f;
+      for (int64_t i = 0; i < dim; ++i) sum += q[g * padded + i] * to_float(k[i]);
+      scores[g * stride + j] = sum;
+    }
+  }
+}
+
+// acc[g] += weights[g * stride + j] * value j, for `run` values `slot_stride` apart and the group's query heads
+// (acc: float, rows of `padded`)
+template <typename T>
+inline void value_run(float* acc, int64_t group, int64_t padded, int64_t dim, const T* values,
+                      int64_t slot_stride, int64_t run, const float* weights, int64_t stride) {
+#if defined(__AVX512F__)
+  if (dim % kLanes == 0) {
+    constexpr int64_t kHeads = 4;  // accumulators held in registers at once
+    for (int64_t i = 0; i < dim; i += kLanes) {
+      for (int64_t g0 = 0; g0 < group; g0 += kHeads) {
+        const int64_t heads = std::min(kHeads, group - g0);
+        __m512 sums[kHeads];
+        for (int64_t g = 0; g < heads; ++g) sums[g] = _mm512_loadu_ps(acc + (g0 + g) * padded + i);
+        for (int64_t j = 0; j < run; ++j) {
+          const __m512 v = load16(values + j * slot_stride + i);
+          for (int64_t g = 0; g < heads; ++g)
+            sums[g] = _mm512_fmadd_ps(_mm512_set1_ps(weights[(g0 + g) * stride + j]), v, sums[g]);
+        }
+        for (int64_t g = 0; g < heads; ++g) _mm512_storeu_ps(acc + (g0 + g) * padded + i, sums[g]);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < run; ++j) {
+    const T* v = values + j * slot_stride;
+    for (int64_t i = 0; i < dim; ++i) {
+      const float value = to_float(v[i]);
+      for (int64_t g = 0; g < group; ++g) acc[g * padded + i] += weights[g * stride + j] * value;
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// e^x for x <= 0 (scores minus their maximum), to about 2 ulp: e^x = 2^k * e^r with r = x - k ln 2 in
+// [-ln2/2, ln2/2], e^r by its degree-6 Taylor polynomial
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));  // below: 0 after rounding anyway
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x);  // ln 2 in two parts: exact k * high
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, k);
+}
+#endif
+
+// s[t] = e^(s[t] - top) for n scores; returns their sum
+inline float exp_shifted(float* s, int64_t n, float top) {
+  int64_t t = 0;
+  float sum = 0.f;
+#if defined(__AVX512F__)
+  __m512 sums = _mm512_setzero_ps();
+  for (; t + kLanes <= n; t += kLanes) {
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + t), _mm512_set1_ps(top)));
+    _mm512_storeu_ps(s + t, e);
+    sums = _mm512_add_ps(sums, e);
+  }
+  sum = _mm512_reduce_add_ps(sums);
+#endif
+  for (; t < n; ++t) {
+    s[t] = std::exp(s[t] - top);
+    sum += s[t];
+  }
+  return sum;
+}
+
+// Shares per (row, KV head): enough tasks for 4 per thread, none shorter than kMinShare keys.
+constexpr int64_t kMinShare = 256;
+inline int64_t key_splits(int64_t row_heads, int64_t longest) {
+  const int64_t wanted = (4 * at::get_num_threads() + row_heads - 1) / row_heads;
+  return std::max<int64_t>(1, std::min(wanted, longest / kMinShare));
+}
+
+template <typename T>
+void decode(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+            const torch::Tensor& block_tables, const torch::Tensor& key_counts, torch::Tensor& out,
+            int64_t block_size, double scale) {
+  const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(2);
+  const int64_t kv_heads = k_cache.size(0), group = heads / kv_heads;
+  const int64_t width = block_tables.size(1);
+  const T* q = query.data_ptr<T>();
+  const T* k = k_cache.data_ptr<T>();
+  const T* v = v_cache.data_ptr<T>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* counts = key_counts.data_ptr<int32_t>();
+  const int64_t q_row = query.stride(0), q_head = query.stride(1);
+  const int64_t k_head = k_cache.stride(0), k_slot = k_cache.stride(1);
+  const int64_t v_head = v_cache.stride(0), v_slot = v_cache.stride(1);
+  const int64_t padded = (dim + kLanes - 1) / kLanes * kLanes;
+  const int32_t longest = *std::max_element(counts, counts + rows);
+  const int64_t splits = key_splits(rows * kv_heads, longest);
+
+  // each share's unnormalised output [group, padded], running max and sum [group]
+  const int64_t tasks = rows * kv_heads * splits;
+  std::vector<float> partial(tasks * group * padded), best(tasks * group), total(tasks * group);
+
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q_f(group * padded, 0.f), scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task / (kv_heads * splits), kv = task / splits % kv_heads, split = task % splits;
+      const int64_t keys = counts[row], share = (keys + splits - 1) / splits;
+      const int64_t first = split * share, last = std::min(keys, first + share);
+      float* acc = &partial[task * group * padded];
+      float* m = &best[task * group];
+      float* l = &total[task * group];
+      std::fill(acc, acc + group * padded, 0.f);
+      std::fill(m, m + group, -std::numeric_limits<float>::infinity());
+      std::fill(l, l + group, 0.f);
+      if (first >= last) continue;
+      for (int64_t g = 0; g < group; ++g) {
+        load_row(q + row * q_row + (kv * group + g) * q_head, &q_f[g * padded], dim);
+        for (int64_t i = 0; i < dim; ++i) q_f[g * padded + i] *= static_cast<float>(scale);
+      }
+      const int64_t n = last - first;
+      scores.resize(group * n);
+      const int32_t* table = tables + row * width;
+      // keys [first, last) as runs of consecutive slots, one run per block: fn(t, slot, run)
+      auto for_each_run = [&](auto&& fn) {
+        for (int64_t position = first; position < last;) {
+          const int64_t offset = position % block_size, run = std::min(last - position, block_size - offset);
+          fn(position - first, static_cast<int64_t>(table[position / block_size]) * block_size + offset, run);
+          position += run;
+        }
+      };
+      for_each_run([&](int64_t t, int64_t slot, int64_t run) {  // scores: every query head of the group per key
+        score_run(q_f.data(), group, padded, dim, k + kv * k_head + slot * k_slot, k_slot, run, &scores[t], n);
+      });
+      for (int64_t g = 0; g < group; ++g) {  // softmax numerators
+        float* s = &scores[g * n];
+        const float top = *std::max_element(s, s + n);
+        m[g] = top;
+        l[g] = exp_shifted(s, n, top);
+      }
+      for_each_run([&](int64_t t, int64_t slot, int64_t run) {  // weighted values
+        value_run(acc, group, padded, dim, v + kv * v_head + slot * v_slot, v_slot, run, &scores[t], n);
+      });
+    }
+  });
+
+  T* o = out.data_ptr<T>();
+  const int64_t o_row = out.stride(0), o_head = out.stride(1);
+  at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t row = index / heads, head = index % heads, kv = head / group, g = head % group;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t split = 0; split < splits; ++split)
+        top = std::max(top, best[((row * kv_heads + kv) * splits + split) * group + g]);
+      float sum = 0.f;
+      std::vector<float> merged(dim, 0.f);
+      for (int64_t split = 0; split < splits; ++split) {
+        const int64_t task = (row * kv_heads + kv) * splits + split;
+        if (total[task * group + g] == 0.f) continue;  // an empty share
+        const float weight = std::exp(best[task * group + g] - top);
+        sum += weight * total[task * group + g];
+        const float* a = &partial[(task * group + g) * padded];
+        for (int64_t i = 0; i < dim; ++i) merged[i] += weight * a[i];
+      }
+      T* target = o + row * o_row + head * o_head;
+      for (int64_t i = 0; i < dim; ++i) target[i] = static_cast<T>(merged[i] / sum);
+    }
+  });
+}
+
+}  // namespace
+
+// query [rows, heads, head_dim]; k_cache/v_cache [kv_heads, slots, head_dim] (one cache entry);
+// block_tables [rows, width] int32; key_counts [rows] int32 (each >= 1) -> [rows, heads * head_dim]
+torch::Tensor paged_decode_attention(const torch::Tensor& query, const torch::Tensor& k_cache,
+                                     const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                                     const torch::Tensor& key_counts, int64_t block_size, double scale) {
+  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "query and caches must be 3-d");
+  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "query and caches must share a dtype");
+  TORCH_CHECK(query.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
+              "head_dim must be contiguous");
+  TORCH_CHECK(query.size(1) % k_cache.size(0) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && key_counts.scalar_type() == at::kInt,
+              "block_tables and key_counts must be int32");
+  TORCH_CHECK(query.size(0) == block_tables.size(0) && query.size(0) == key_counts.size(0) && query.size(0) > 0,
+              "one block table and key count per query row");
+  auto tables = block_tables.contiguous();
+  auto counts = key_counts.contiguous();
+  auto out = torch::empty({query.size(0), query.size(1), query.size(2)}, query.options());
+  switch (query.scalar_type()) {
+    case at::kBFloat16: decode<at::BFloat16>(query, k_cache, v_cache, tables, counts, out, block_size, scale); break;
+    case at::kFloat: decode<float>(query, k_cache, v_cache, tables, counts, out, block_size, scale); break;
+    case at::kHalf: decode<at::Half>(query, k_cache, v_cache, tables, counts, out, block_size, scale); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", query.scalar_type());
+  }
+  return out.view({query.size(0), query.size(1) * query.size(2)});
+}
+
+// states [entries, kv_heads, tokens, head_dim] into cache entries [first, last) at slots: the KV-cache write of
+// a torch.compile'd decode step as one opaque in-place op (swiftkv/engine/compiled.py)
+void write_kv_cache(at::Tensor& cache, int64_t first, int64_t last, const at::Tensor& slots, const at::Tensor& states) {
+  cache.slice(0, first, last).index_copy_(2, slots, states);
+}
+
+// C++ operators: no Python on the call path, which a decode step would otherwise pay per layer (~14 us a call)
+TORCH_LIBRARY(swiftkv_cpu, m) {
+  m.def("paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor key_counts, int block_size, float scale) -> Tensor");
+  m.def("write_kv_cache(Tensor(a!) cache, int first, int last, Tensor slots, Tensor states) -> ()");
+}
+TORCH_LIBRARY_IMPL(swiftkv_cpu, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("write_kv_cache", &write_kv_cache);
+}

@@ -1,0 +1,67 @@
+"""Decode attention straight from the paged KV cache on a CPU: a small C++ kernel (csrc/paged_attention_cpu.cpp).
+
+PyTorch's fused SDPA kernel spends about 0.1 us per key on one query row here (SmolLM2's 9 query heads over 3
+KV heads), several times the time to stream those keys from memory, so on long contexts attention became the
+larger part of a decode step (docs/engine-decode.md). This kernel follows each row's block table like the
+GPU's Triton kernel (engine/paged_attention.py): no gather, no contiguous-slots requirement, every row of a
+batch in one call, split over (row, KV head, share of the keys) so one long row keeps every thread busy, and
+the query heads that share a KV head read its keys once. AVX-512 where the CPU has it, plain loops elsewhere.
+
+It is compiled on first use with the machine's C++ compiler (the one torch.compile needs too) through
+`torch.utils.cpp_extension`, for this CPU (`-march=native`), and cached by torch under `TORCH_EXTENSIONS_DIR`
+(~/.cache/torch_extensions): about 25 s once, then a load. Where it cannot be built the engine logs why and
+keeps its PyTorch paths (`available()` is False). It is a C++ operator, `torch.ops.swiftkv_cpu`, so neither
+eager steps nor a torch.compile'd step (which calls it as one opaque kernel) go through Python per layer; the
+same library holds the compiled step's KV-cache write (engine/compiled.py) for the same reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "paged_attention_cpu.cpp"
+DISABLE_VARIABLE = "SWIFTKV_CPU_ATTENTION_KERNEL"  # "0": use PyTorch's attention paths instead
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _build() -> bool:
+    from torch.utils.cpp_extension import load
+
+    try:
+        load(name="swiftkv_paged_attention_cpu", sources=[str(SOURCE)], is_python_module=False,
+             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch paths still work
+        logger.warning("the CPU paged-attention kernel could not be built (%s: %s); decode attention uses "
+                       "PyTorch's kernels", type(error).__name__, (str(error).splitlines() or [""])[0])
+        return False
+    torch.library.register_fake("swiftkv_cpu::paged_decode_attention")(_output_like)
+    torch.library.register_fake("swiftkv_cpu::write_kv_cache")(lambda cache, first, last, slots, states: None)
+    return True
+
+
+def _output_like(query, k_cache, v_cache, block_tables, key_counts, block_size, scale):
+    return query.new_empty(query.shape[0], query.shape[1] * query.shape[2])
+
+
+def available() -> bool:
+    """Whether decode rows on a CPU go through the kernel (built on first call; off with
+    SWIFTKV_CPU_ATTENTION_KERNEL=0)."""
+    return os.environ.get(DISABLE_VARIABLE, "1") != "0" and _build()
+
+
+def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, key_counts: torch.Tensor, block_size: int,
+                           scale: float) -> torch.Tensor:
+    """One query per row over its own keys, as the GPU kernel's function of the same name.
+
+    query `[rows, heads, d]`; k_cache/v_cache one entry's `[kv_heads, slots, d]` (slot = block * block_size +
+    offset); block_tables `[rows, >= max blocks]` int32; key_counts `[rows]` int32 (>= 1 each) ->
+    `[rows, heads * d]` in the query's dtype. Call `available()` first (it builds the kernel)."""
+    return torch.ops.swiftkv_cpu.paged_decode_attention(query, k_cache, v_cache, block_tables, key_counts,
+                                                         block_size, scale)
