@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -65,13 +67,15 @@ def test_smollm2_base_answers_sensibly(smollm2):
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
 
 
-def test_engine_greedy_equals_transformers_on_smollm2(smollm2, swiftkv_smollm2, chat_prompt):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_greedy_equals_transformers_on_smollm2(smollm2, swiftkv_smollm2, chat_prompt, dtype):
     from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
     from swiftkv.engine.llm_engine import request_output
 
     prompt = chat_prompt[0].tolist()
-    for model in (smollm2[0], swiftkv_smollm2):
-        engine = LLMEngine(model, smollm2[1], EngineConfig(dtype="float32", kv_cache_memory_gb=0.05))
+    for model in (copy.deepcopy(smollm2[0]).to(getattr(torch, dtype)),
+                  copy.deepcopy(swiftkv_smollm2).to(getattr(torch, dtype))):
+        engine = LLMEngine(model, smollm2[1], EngineConfig(dtype=dtype, kv_cache_memory_gb=0.05))
         sequence = engine.add_request(prompt, SamplingParams(max_tokens=12, ignore_eos=True))
         while engine.has_unfinished():
             engine.step()

@@ -30,8 +30,8 @@ import torch
 @torch.library.custom_op("swiftkv::write_kv_cache", mutates_args=("cache",))
 def write_kv_cache(cache: torch.Tensor, first: int, last: int, slots: torch.Tensor, states: torch.Tensor) -> None:
     """`states` `[entries, kv_heads, tokens, d]` into cache entries `[first, last)` at `slots`. The C++ twin,
-    `torch.ops.swiftkv_cpu.write_kv_cache` (engine/paged_attention_cpu.py), saves ~14 us of Python per call
-    and is used where it is built."""
+    `torch.ops.swiftkv_cpu.write_kv_cache` (engine/paged_attention_cpu.py), skips the Python dispatcher on
+    every call and is used where it is built."""
     cache[first:last].index_copy_(2, slots, states)
 
 

@@ -104,11 +104,11 @@ class Batch:
         return self.logit_tokens is None or self.logit_tokens.numel() > 0
 
 
-# Without a paged kernel (see QueryRows), single-query rows whose slots are one range read K/V in place through the
-# fused SDPA kernel, row by row: a lone row always (benchmarks/decode_attention.py: 27 vs 61 us per layer gathered at 128 keys, 230 vs 294 at 2048),
-# several rows once they hold more than this many keys each on average; below, gathering them into one padded
-# batch for two matmuls is faster (8 rows of 512 keys: 387 us gathered, 572 row by row; of 1024: 3,735 against
-# 1,065). On a GPU the paged kernel reads every row from its blocks in one launch (no gather, no launch per row).
+# Without a paged kernel (see QueryRows), single-query rows whose slots are one range read K/V in place through
+# the fused SDPA kernel, row by row: a lone row always (benchmarks/decode_attention.json: 21.5 against 58.2 us per
+# layer gathered at 128 keys; at 2048 the two trade places from run to run), several rows once they hold more
+# than this many keys each on average; below, gathering them into one padded batch for two matmuls is faster
+# (8 rows of 512 keys: 340 us gathered, 602 row by row; of 1024: 3,406 against 998).
 GATHERED_ROWS_MAX_MEAN_KEYS = 512
 
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # auto: the model's dtype
@@ -196,7 +196,7 @@ class ModelRunner:
 
         if self.device.type != "cuda" or self.paged_kernel is None:
             raise ValueError("CUDA graphs need a CUDA device, Triton and a kv_cache_dtype of 'auto'")
-        max_blocks = min(self.num_blocks, -(-max_model_length // self.block_size))
+        max_blocks = max(2, min(self.num_blocks, -(-max_model_length // self.block_size)))  # as block_tables()
         self.decode_graphs = DecodeGraphs(self, max_batch, max_blocks)
 
     def compile_decode(self) -> None:

@@ -6,8 +6,8 @@
 // [block_size, head_dim] run. Work is split over (row, KV head, share of the keys) so that one long row still
 // keeps every thread busy: each task scores its keys for the query heads that share the KV head (so K and V
 // are read once per group, not once per query head), then the shares are merged by their log-sum-exp
-// (flash-decoding). Arithmetic is float32; the dot products and the value sums are written as 16 independent
-// lanes so the compiler vectorises them without reassociating floats.
+// (flash-decoding). Arithmetic is float32: AVX-512 intrinsics where the build machine has them (-march=native),
+// plain loops otherwise. docs/engine-decode.md has the design and its measurements.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -71,11 +72,33 @@ inline __m512 sum16(const __m512* v) {
 #endif
 
 // scores[g * stride + j] = q[g] . key j, for `run` keys `slot_stride` apart and the group's query heads
-// (q: float, rows of `padded`)
+// (q: float and scaled, rows of `padded`; q_raw: the same rows as stored, unscaled, rows of `dim`)
 template <typename T>
-inline void score_run(const float* q, int64_t group, int64_t padded, int64_t dim, const T* keys,
-                      int64_t slot_stride, int64_t run, float* scores, int64_t stride) {
+inline void score_run(const float* q, const T* q_raw, float scale, int64_t group, int64_t padded, int64_t dim,
+                      const T* keys, int64_t slot_stride, int64_t run, float* scores, int64_t stride) {
   int64_t j = 0;
+#if defined(__AVX512BF16__)
+  // bf16 keys and queries: dot products by pairs straight from the stored bf16 (vdpbf16ps: products exact,
+  // float32 sums), no conversion; the scale applies to the sums
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (dim % (2 * kLanes) == 0) {
+      for (; j + kLanes <= run; j += kLanes) {
+        for (int64_t g = 0; g < group; ++g) {
+          __m512 sums[kLanes];
+          for (int64_t key = 0; key < kLanes; ++key) {
+            const T* k = keys + (j + key) * slot_stride;
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t i = 0; i < dim; i += 2 * kLanes)
+              sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(q_raw + g * dim + i),
+                                     (__m512bh)_mm512_loadu_si512(k + i));
+            sums[key] = sum;
+          }
+          _mm512_storeu_ps(scores + g * stride + j, _mm512_mul_ps(sum16(sums), _mm512_set1_ps(scale)));
+        }
+      }
+    }
+  }
+#endif
 #if defined(__AVX512F__)
   if (dim % kLanes == 0) {
     for (; j + kLanes <= run; j += kLanes) {
@@ -176,6 +199,70 @@ inline float exp_shifted(float* s, int64_t n, float top) {
   return sum;
 }
 
+#if defined(__AVX512BF16__)
+// bf16 values: acc += weights . values by pairs of keys (vdpbf16ps), the weights rounded to bf16 as PyTorch's
+// bf16 attention rounds its probabilities. Two keys' rows interleaved by 16-bit unpacks give, per 128-bit lane
+// l of a 32-value chunk at i, values i + 8l + {0..3} (low unpack) and i + 8l + {4..7} (high unpack): acc is kept
+// in that order while the task runs (see unpermute_values), so no shuffle is spent per key.
+inline void value_run_bf16(float* acc, int64_t group, int64_t padded, int64_t dim, const at::BFloat16* values,
+                           int64_t slot_stride, int64_t run, const at::BFloat16* weights, int64_t stride) {
+  constexpr int64_t kHeads = 4;  // 2 accumulators per head held in registers at once
+  auto pair = [&](int64_t g, int64_t j, bool both) {  // weights of keys j, j + 1 as one bf16x2, broadcast
+    uint32_t bits = weights[g * stride + j].x;
+    if (both) bits |= static_cast<uint32_t>(weights[g * stride + j + 1].x) << 16;
+    return (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(bits));
+  };
+  for (int64_t i = 0; i < dim; i += 2 * kLanes) {
+    for (int64_t g0 = 0; g0 < group; g0 += kHeads) {
+      const int64_t heads = std::min(kHeads, group - g0);
+      __m512 low[kHeads], high[kHeads];
+      for (int64_t g = 0; g < heads; ++g) {
+        low[g] = _mm512_loadu_ps(acc + (g0 + g) * padded + i);
+        high[g] = _mm512_loadu_ps(acc + (g0 + g) * padded + i + kLanes);
+      }
+      for (int64_t j = 0; j < run; j += 2) {
+        const bool both = j + 1 < run;
+        const __m512i a = _mm512_loadu_si512(values + j * slot_stride + i);
+        const __m512i b = both ? _mm512_loadu_si512(values + (j + 1) * slot_stride + i) : _mm512_setzero_si512();
+        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+        for (int64_t g = 0; g < heads; ++g) {
+          const __m512bh w = pair(g0 + g, j, both);
+          low[g] = _mm512_dpbf16_ps(low[g], lo, w);
+          high[g] = _mm512_dpbf16_ps(high[g], hi, w);
+        }
+      }
+      for (int64_t g = 0; g < heads; ++g) {
+        _mm512_storeu_ps(acc + (g0 + g) * padded + i, low[g]);
+        _mm512_storeu_ps(acc + (g0 + g) * padded + i + kLanes, high[g]);
+      }
+    }
+  }
+}
+
+// acc rows from value_run_bf16's order back to value order
+inline void unpermute_values(float* acc, int64_t group, int64_t padded, int64_t dim) {
+  float chunk[2 * kLanes];
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < dim; i += 2 * kLanes) {
+      float* a = acc + g * padded + i;
+      for (int64_t lane = 0; lane < 4; ++lane)
+        for (int64_t k = 0; k < 4; ++k) {
+          chunk[8 * lane + k] = a[4 * lane + k];
+          chunk[8 * lane + 4 + k] = a[kLanes + 4 * lane + k];
+        }
+      std::copy(chunk, chunk + 2 * kLanes, a);
+    }
+}
+
+// n float weights -> bf16, rounded to nearest even
+inline void to_bf16(const float* src, at::BFloat16* dst, int64_t n) {
+  int64_t t = 0;
+  for (; t + kLanes <= n; t += kLanes)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + t), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + t)));
+  for (; t < n; ++t) dst[t] = static_cast<at::BFloat16>(src[t]);
+}
+#endif
+
 // Shares per (row, KV head): enough tasks for 4 per thread, none shorter than kMinShare keys.
 constexpr int64_t kMinShare = 256;
 inline int64_t key_splits(int64_t row_heads, int64_t longest) {
@@ -208,6 +295,7 @@ void decode(const torch::Tensor& query, const torch::Tensor& k_cache, const torc
 
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q_f(group * padded, 0.f), scores;
+    std::vector<T> q_raw(group * dim), weights;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / (kv_heads * splits), kv = task / splits % kv_heads, split = task % splits;
       const int64_t keys = counts[row], share = (keys + splits - 1) / splits;
@@ -220,7 +308,9 @@ void decode(const torch::Tensor& query, const torch::Tensor& k_cache, const torc
       std::fill(l, l + group, 0.f);
       if (first >= last) continue;
       for (int64_t g = 0; g < group; ++g) {
-        load_row(q + row * q_row + (kv * group + g) * q_head, &q_f[g * padded], dim);
+        const T* query_row = q + row * q_row + (kv * group + g) * q_head;
+        std::copy(query_row, query_row + dim, &q_raw[g * dim]);
+        load_row(query_row, &q_f[g * padded], dim);
         for (int64_t i = 0; i < dim; ++i) q_f[g * padded + i] *= static_cast<float>(scale);
       }
       const int64_t n = last - first;
@@ -235,7 +325,8 @@ void decode(const torch::Tensor& query, const torch::Tensor& k_cache, const torc
         }
       };
       for_each_run([&](int64_t t, int64_t slot, int64_t run) {  // scores: every query head of the group per key
-        score_run(q_f.data(), group, padded, dim, k + kv * k_head + slot * k_slot, k_slot, run, &scores[t], n);
+        score_run(q_f.data(), q_raw.data(), static_cast<float>(scale), group, padded, dim,
+                  k + kv * k_head + slot * k_slot, k_slot, run, &scores[t], n);
       });
       for (int64_t g = 0; g < group; ++g) {  // softmax numerators
         float* s = &scores[g * n];
@@ -243,6 +334,19 @@ void decode(const torch::Tensor& query, const torch::Tensor& k_cache, const torc
         m[g] = top;
         l[g] = exp_shifted(s, n, top);
       }
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (dim % (2 * kLanes) == 0) {
+          weights.resize(group * n);
+          to_bf16(scores.data(), weights.data(), group * n);
+          for_each_run([&](int64_t t, int64_t slot, int64_t run) {  // weighted values
+            value_run_bf16(acc, group, padded, dim, v + kv * v_head + slot * v_slot, v_slot, run, &weights[t], n);
+          });
+          unpermute_values(acc, group, padded, dim);
+          continue;
+        }
+      }
+#endif
       for_each_run([&](int64_t t, int64_t slot, int64_t run) {  // weighted values
         value_run(acc, group, padded, dim, v + kv * v_head + slot * v_slot, v_slot, run, &scores[t], n);
       });
@@ -285,7 +389,10 @@ torch::Tensor paged_decode_attention(const torch::Tensor& query, const torch::Te
               "query and caches must share a dtype");
   TORCH_CHECK(query.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
               "head_dim must be contiguous");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have one shape");
+  TORCH_CHECK(query.size(2) == k_cache.size(2), "query and caches must share head_dim");
   TORCH_CHECK(query.size(1) % k_cache.size(0) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(block_size > 0, "block_size must be positive");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && key_counts.scalar_type() == at::kInt,
               "block_tables and key_counts must be int32");
   TORCH_CHECK(query.size(0) == block_tables.size(0) && query.size(0) == key_counts.size(0) && query.size(0) > 0,
@@ -308,7 +415,7 @@ void write_kv_cache(at::Tensor& cache, int64_t first, int64_t last, const at::Te
   cache.slice(0, first, last).index_copy_(2, slots, states);
 }
 
-// C++ operators: no Python on the call path, which a decode step would otherwise pay per layer (~14 us a call)
+// C++ operators: no Python on the call path, which a decode step would otherwise pay on every layer
 TORCH_LIBRARY(swiftkv_cpu, m) {
   m.def("paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor key_counts, int block_size, float scale) -> Tensor");
