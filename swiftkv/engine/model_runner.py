@@ -105,10 +105,10 @@ class Batch:
 
 
 # Without a paged kernel (see QueryRows), single-query rows whose slots are one range read K/V in place through
-# the fused SDPA kernel, row by row: a lone row always (benchmarks/decode_attention.json: 21.5 against 58.2 us per
+# the fused SDPA kernel, row by row: a lone row always (benchmarks/decode_attention.json: 20.8 against 54.6 us per
 # layer gathered at 128 keys; at 2048 the two trade places from run to run), several rows once they hold more
 # than this many keys each on average; below, gathering them into one padded batch for two matmuls is faster
-# (8 rows of 512 keys: 340 us gathered, 602 row by row; of 1024: 3,406 against 998).
+# (8 rows of 512 keys: 310 us gathered, 519 row by row; of 1024: 3,070 against 933).
 GATHERED_ROWS_MAX_MEAN_KEYS = 512
 
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # auto: the model's dtype

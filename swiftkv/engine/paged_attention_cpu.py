@@ -1,15 +1,16 @@
 """Decode attention straight from the paged KV cache on a CPU: a small C++ kernel (csrc/paged_attention_cpu.cpp).
 
 PyTorch's fused SDPA kernel spends about 0.1 us per key on one query row here (SmolLM2's 9 query heads over 3
-KV heads), several times the time to stream those keys from memory, so on long contexts attention became the
-larger part of a decode step (docs/engine-decode.md). This kernel follows each row's block table like the
-GPU's Triton kernel (engine/paged_attention.py): no gather, no contiguous-slots requirement, every row of a
-batch in one call, split over (row, KV head, share of the keys) so one long row keeps every thread busy, and
-the query heads that share a KV head read its keys once. AVX-512 where the CPU has it, plain loops elsewhere.
+KV heads), several times the time to stream those keys from memory, so on long contexts attention became a
+third of a decode step (docs/engine-decode.md has the design and the measurements). This kernel follows each
+row's block table like the GPU's Triton kernel (engine/paged_attention.py): no gather, no contiguous-slots
+requirement, every row of a batch in one call, split over (row, KV head, share of the keys) so one long row
+keeps every thread busy, and the query heads that share a KV head read its keys once. AVX-512 (and
+AVX512-BF16 for bf16 caches) where the CPU has it, plain loops elsewhere.
 
 It is compiled on first use with the machine's C++ compiler (the one torch.compile needs too) through
 `torch.utils.cpp_extension`, for this CPU (`-march=native`), and cached by torch under `TORCH_EXTENSIONS_DIR`
-(~/.cache/torch_extensions): about 25 s once, then a load. Where it cannot be built the engine logs why and
+(~/.cache/torch_extensions): compiled once, then loaded. Where it cannot be built the engine logs why and
 keeps its PyTorch paths (`available()` is False). It is a C++ operator, `torch.ops.swiftkv_cpu`, so neither
 eager steps nor a torch.compile'd step (which calls it as one opaque kernel) go through Python per layer; the
 same library holds the compiled step's KV-cache write (engine/compiled.py) for the same reason.
@@ -18,8 +19,10 @@ same library holds the compiled step's KV-cache write (engine/compiled.py) for t
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -29,12 +32,23 @@ DISABLE_VARIABLE = "SWIFTKV_CPU_ATTENTION_KERNEL"  # "0": use PyTorch's attentio
 logger = logging.getLogger(__name__)
 
 
+def _cpu_tag() -> str:
+    """A short hash of this CPU's feature flags: the build is for this CPU (-march=native), so a cache directory
+    shared with another kind of machine keeps one build per kind."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        flags = platform.machine() + platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
 @functools.lru_cache(maxsize=None)
 def _build() -> bool:
     from torch.utils.cpp_extension import load
 
     try:
-        load(name="swiftkv_paged_attention_cpu", sources=[str(SOURCE)], is_python_module=False,
+        load(name=f"swiftkv_paged_attention_cpu_{_cpu_tag()}", sources=[str(SOURCE)], is_python_module=False,
              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch paths still work
         logger.warning("the CPU paged-attention kernel could not be built (%s: %s); decode attention uses "
