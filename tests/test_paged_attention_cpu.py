@@ -33,7 +33,8 @@ def test_kernel_equals_attention_over_gathered_keys(heads, kv_heads, head_dim, b
     key_counts = torch.tensor([1, 37, 5 * block_size, 1100], dtype=torch.int32)
     width = -(-1100 // block_size)
     block_tables = torch.stack([torch.randperm(num_blocks, generator=generator)[:width] for _ in key_counts]).int()
-    query = torch.randn(4, heads + kv_heads, head_dim, generator=generator).to(dtype)[:, :heads]  # strided, as in the runner
+    # a strided view, as in the runner
+    query = torch.randn(4, heads + kv_heads, head_dim, generator=generator).to(dtype)[:, :heads]
     scale = head_dim ** -0.5
     output = paged_attention_cpu.paged_decode_attention(query, k_cache, v_cache, block_tables, key_counts,
                                                         block_size, scale)

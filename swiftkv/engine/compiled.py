@@ -39,13 +39,15 @@ def kv_cache_writer():
     """The compiled step's KV-cache write op: the C++ one where the CPU kernels are built."""
     from swiftkv.engine import paged_attention_cpu
 
-    return torch.ops.swiftkv_cpu.write_kv_cache if paged_attention_cpu.available() else torch.ops.swiftkv.write_kv_cache
+    if paged_attention_cpu.available():
+        return torch.ops.swiftkv_cpu.write_kv_cache
+    return torch.ops.swiftkv.write_kv_cache
 
 
 def compile_lone_row_decode(runner):
-    """`runner._forward` compiled for single-row decode batches (block tables or in place), compiled now on a dummy step that
-    writes to the scratch block (returns the compiled function; `runner.compile_seconds` says how long
-    compiling took)."""
+    """`runner._forward` compiled for single-row decode batches (block tables or in place), compiled now on a
+    dummy step that writes to the scratch block (returns the compiled function; `runner.compile_seconds` says
+    how long compiling took)."""
     from swiftkv.engine.model_runner import Batch, QueryRows, onednn
 
     if runner.quantized:
