@@ -20,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
+from swiftkv.engine.compiled import kv_cache_writer
 from swiftkv.engine.quantized import WEIGHT_FORMATS
 from swiftkv.eval.data import data_file
 from swiftkv.loading import DEFAULT_MODEL, load_model, load_tokenizer
@@ -52,16 +53,10 @@ def profile_ops(engine: LLMEngine, prompt: list[int], steps: int, top: int) -> t
              "calls_per_step": e.count / steps} for e in events[:top]], total_ms
 
 
-@torch.library.custom_op("swiftkv_bench::cache_write", mutates_args=("cache",))
-def cache_write(cache: torch.Tensor, first: int, last: int, slots: torch.Tensor, states: torch.Tensor) -> None:
-    """The runner's cache write as one opaque in-place op: inductor then leaves the cache alone instead of
-    copying the whole graph input it mutates."""
+def write_as_aten_ops(cache: torch.Tensor, first: int, last: int, slots: torch.Tensor, states: torch.Tensor) -> None:
+    """The cache write traced as the ATen ops `ModelRunner._write` runs eagerly: inductor functionalises the
+    mutation of its graph input and copies the whole cache."""
     cache[first:last].index_copy_(2, slots, states)
-
-
-def write_through_custom_op(runner, entries: slice, slots, keys, values) -> None:
-    for cache, states in ((runner.k_cache, keys), (runner.v_cache, values)):
-        cache_write(cache, entries.start, entries.stop, slots, states.permute(1, 2, 0, 3))
 
 
 def compile_probe(engine: LLMEngine, prompt: list[int], steps: int) -> dict:
@@ -70,11 +65,11 @@ def compile_probe(engine: LLMEngine, prompt: list[int], steps: int) -> dict:
     while warming up (`skip_guard_eval_unsafe`), each with its top ops per step."""
     reference, eager_seconds = decode_steps(engine, prompt, steps)
     runner, result = engine.runner, {"eager_ms_per_step": 1000 * eager_seconds}
-    eager_forward, eager_write = runner._forward, runner._write
-    for variant in ("as_written", "custom_op_cache_write"):
+    eager_forward = runner._forward
+    writers = {"as_written": write_as_aten_ops, "custom_op_cache_write": kv_cache_writer(runner)}
+    for variant, writer in writers.items():
         torch._dynamo.reset()
-        if variant == "custom_op_cache_write":
-            runner._write = lambda *args: write_through_custom_op(runner, *args)
+        runner.compiled_kv_write = writer  # what `ModelRunner._write` calls while compiling
         runner._forward = torch.compile(eager_forward, dynamic=True)
         started = time.perf_counter()
         decode_steps(engine, prompt, 8)
@@ -88,7 +83,7 @@ def compile_probe(engine: LLMEngine, prompt: list[int], steps: int) -> dict:
         row.update({"compiled_ms_per_step": 1000 * compiled_seconds, "tokens_equal": tokens == reference,
                     "top_ops_ms_per_step": {e.key[:60]: e.self_cpu_time_total / 1000 / 8 for e in events}})
         result[variant] = row
-        runner._forward, runner._write = eager_forward, eager_write
+        runner._forward, runner.compiled_kv_write = eager_forward, None
     return result
 
 

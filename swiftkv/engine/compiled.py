@@ -35,13 +35,10 @@ def write_kv_cache(cache: torch.Tensor, first: int, last: int, slots: torch.Tens
     cache[first:last].index_copy_(2, slots, states)
 
 
-def kv_cache_writer():
-    """The compiled step's KV-cache write op: the C++ one where the CPU kernels are built."""
-    from swiftkv.engine import paged_attention_cpu
-
-    if paged_attention_cpu.available():
-        return torch.ops.swiftkv_cpu.write_kv_cache
-    return torch.ops.swiftkv.write_kv_cache
+def kv_cache_writer(runner):
+    """The compiled step's KV-cache write op: the C++ one where the runner decodes through the CPU kernel (the
+    same library registers both)."""
+    return torch.ops.swiftkv_cpu.write_kv_cache if runner.paged_kernel is not None else torch.ops.swiftkv.write_kv_cache
 
 
 def compile_lone_row_decode(runner):
@@ -52,7 +49,7 @@ def compile_lone_row_decode(runner):
 
     if runner.quantized:
         raise ValueError("compile_decode needs kv_cache_dtype='auto' (8-bit caches are gathered, not read in place)")
-    runner.compiled_kv_write = kv_cache_writer()
+    runner.compiled_kv_write = kv_cache_writer(runner)
     compiled = torch.compile(runner._forward, dynamic=True)
     device, block_size = runner.device, runner.block_size
     if runner.paged_kernel is not None:  # two keys of block 1, only read (tables are at least two blocks wide)

@@ -356,13 +356,14 @@ void decode(const torch::Tensor& query, const torch::Tensor& k_cache, const torc
   T* o = out.data_ptr<T>();
   const int64_t o_row = out.stride(0), o_head = out.stride(1);
   at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> merged(dim);
     for (int64_t index = begin; index < end; ++index) {
       const int64_t row = index / heads, head = index % heads, kv = head / group, g = head % group;
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t split = 0; split < splits; ++split)
         top = std::max(top, best[((row * kv_heads + kv) * splits + split) * group + g]);
       float sum = 0.f;
-      std::vector<float> merged(dim, 0.f);
+      std::fill(merged.begin(), merged.end(), 0.f);
       for (int64_t split = 0; split < splits; ++split) {
         const int64_t task = (row * kv_heads + kv) * splits + split;
         if (total[task * group + g] == 0.f) continue;  // an empty share
