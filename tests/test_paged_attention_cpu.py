@@ -1,15 +1,21 @@
-"""The CPU paged decode-attention kernel reads each row's keys through its block table, exactly as attention over
-the gathered keys would, in every dtype and head shape; the engine decodes through it by default on a CPU, and
-falls back to PyTorch's attention where it cannot be built."""
+"""The CPU paged attention kernels read keys through block tables exactly as attention over the gathered keys
+would, in every dtype and head shape: the decode kernel (one query per row) and the prompt kernel (a causal chunk
+of queries). The engine runs through both by default on a CPU, and falls back to PyTorch's attention where they
+cannot be built."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from swiftkv.engine import paged_attention_cpu
 
-from test_engine import GREEDY, engine_for, hf_greedy, prompts, run, swiftkv_model
+from conftest import make_base_model
+from swiftkv.convert import convert_to_swiftkv
+from swiftkv.engine.sequence import Chunk
+
+from test_engine import GREEDY, engine_for, hf_greedy, prompts, reserved_sequences, run, swiftkv_model
 from test_paged_attention import attention_over_gathered_keys
 
 pytestmark = pytest.mark.skipif(not paged_attention_cpu.available(), reason="the C++ kernel could not be built")
@@ -71,3 +77,79 @@ def test_without_the_kernel_the_engine_uses_pytorch_attention_and_gets_the_same_
     engine = engine_for(model)
     assert engine.runner.paged_kernel is None
     assert [output.token_ids for output in run(engine, prompts(3), GREEDY)] == expected
+
+
+def causal_attention_over_gathered_keys(query, k_cache, v_cache, block_table, keys, block_size, scale):
+    """float32 reference: the queries sit at positions `[keys - n, keys)` and see the keys up to their own."""
+    slots = (block_table[:, None].long() * block_size + torch.arange(block_size)).reshape(-1)[:keys]
+    queries = query.shape[0]
+    visible = torch.arange(keys)[None, :] <= torch.arange(keys - queries, keys)[:, None]
+    output = F.scaled_dot_product_attention(query.float().transpose(0, 1)[None], k_cache[None, :, slots].float(),
+                                            v_cache[None, :, slots].float(), attn_mask=visible, scale=scale,
+                                            enable_gqa=True)
+    return output[0].transpose(0, 1).reshape(queries, -1)
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [
+    (9, 3, 64, 16),    # SmolLM2's GQA: the vectorised path's 48-row tiles
+    (32, 8, 128, 16),  # Llama-3.1-8B's
+    (4, 2, 96, 4),     # a head size that is a multiple of 32 but not 64
+    (6, 6, 32, 8),     # no GQA
+    (4, 2, 24, 4),     # not a multiple of 32: the plain loop
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_prompt_kernel_equals_causal_attention_over_gathered_keys(heads, kv_heads, head_dim, block_size, dtype):
+    generator = torch.Generator().manual_seed(0)
+    num_blocks = 300
+    k_cache, v_cache = (torch.randn(kv_heads, num_blocks * block_size, head_dim, generator=generator).to(dtype)
+                        for _ in "kv")
+    # a one-token prompt, whole prompts shorter and longer than a key block, and chunks that continue a prompt
+    # (a long one; one query; one whose keys end mid key block)
+    for keys, queries in [(1, 1), (37, 37), (300, 300), (1000, 45), (1000, 1), (130, 64)]:
+        table = torch.randperm(num_blocks, generator=generator)[:-(-keys // block_size)].int()
+        query = torch.randn(queries, heads + kv_heads, head_dim, generator=generator).to(dtype)[:, :heads]
+        scale = head_dim ** -0.5
+        output = paged_attention_cpu.prefill_attention(query, k_cache, v_cache, table, keys, block_size, scale)
+        expected = causal_attention_over_gathered_keys(query, k_cache, v_cache, table, keys, block_size, scale)
+        assert output.dtype == dtype and output.shape == (queries, heads * head_dim)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(output.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_prompt_kernel_bad_arguments_get_a_clear_error():
+    cache, query = torch.zeros(2, 16, 32), torch.zeros(4, 4, 32)
+    with pytest.raises(RuntimeError, match="fewer than"):
+        paged_attention_cpu.prefill_attention(query, cache, cache, torch.zeros(1, dtype=torch.int32), 8, 4, 0.2)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        paged_attention_cpu.prefill_attention(query, cache, cache, torch.tensor([0, 9], dtype=torch.int32), 8, 4, 0.2)
+    with pytest.raises(RuntimeError, match="queries <= keys"):
+        paged_attention_cpu.prefill_attention(query, cache, cache, torch.tensor([0], dtype=torch.int32), 2, 4, 0.2)
+
+
+@pytest.mark.skipif(not paged_attention_cpu.prefill_attention_is_fast(torch.bfloat16, 32),
+                    reason="the prompt kernel's vectorised path needs AVX512-BF16")
+@pytest.mark.parametrize("swiftkv", [False, True])
+def test_the_engine_prefills_through_the_prompt_kernel_with_the_logits_of_sdpa(monkeypatch, swiftkv):
+    """bf16 with 32-wide heads, where the engine takes the kernel: a whole prompt, and a prompt in two chunks
+    (the second continuing the first's keys), packed in one step, give SDPA's logits up to bf16 rounding."""
+    model = make_base_model("llama", hidden_size=128).bfloat16()
+    if swiftkv:
+        model = convert_to_swiftkv(model, 2, 1)
+
+    def logits():
+        engine = engine_for(model, dtype="bfloat16")
+        calls = []
+        if engine.runner.prompt_kernel is not None:
+            kernel = engine.runner.prompt_kernel
+            engine.runner.prompt_kernel = lambda *args: calls.append((len(args[0]), args[4])) or kernel(*args)
+        whole, chunked = reserved_sequences(engine, prompts(2, seed=5))
+        engine.runner.run([Chunk(chunked, 0, 9)])
+        return engine.runner.run([Chunk(whole, 0, len(whole)), Chunk(chunked, 9, len(chunked))]), calls
+
+    with_kernel, calls = logits()
+    assert (len(prompts(2, seed=5)[1]) - 9, len(prompts(2, seed=5)[1])) in calls  # the continuing chunk
+    monkeypatch.setenv(paged_attention_cpu.DISABLE_VARIABLE, "0")
+    without_kernel, no_calls = logits()
+    assert not no_calls
+    for kernel_logits, sdpa_logits in zip(with_kernel, without_kernel):
+        torch.testing.assert_close(kernel_logits.float(), sdpa_logits.float(), atol=1e-2, rtol=1e-2)

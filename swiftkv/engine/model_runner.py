@@ -72,16 +72,18 @@ class QueryRows:
 @dataclass
 class PromptSpan:
     """A prompt chunk of several queries: packed tokens `[first, first + count)` at positions
-    `[keys - count, keys)`, attending causally over the sequence's first `keys` tokens, read in place from
-    `in_place_start` or gathered from `read_slots` `[keys]`; mask `[count, keys]`, None when the chunk starts
-    the prompt (plain causal attention)."""
+    `[keys - count, keys)`, attending causally over the sequence's first `keys` tokens. With the CPU prompt
+    kernel (engine/paged_attention_cpu.py), read through `block_table` `[blocks]` int32; else read in place from
+    `in_place_start` or gathered from `read_slots` `[keys]`, with mask `[count, keys]`, None when the chunk
+    starts the prompt (plain causal attention)."""
 
     first: int
     count: int
     keys: int
-    in_place_start: Optional[int]
-    read_slots: Optional[torch.Tensor]
-    mask: Optional[torch.Tensor]
+    in_place_start: Optional[int] = None
+    read_slots: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+    block_table: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -187,6 +189,12 @@ class ModelRunner:
             self.paged_kernel = paged_attention.paged_decode_attention
         elif not self.quantized and self.device.type == "cpu" and paged_attention_cpu.available():
             self.paged_kernel = paged_attention_cpu.paged_decode_attention
+        # prompt chunks through the CPU's C++ flash-attention kernel where it has its vectorised path (about 4x
+        # PyTorch's SDPA on bf16, benchmarks/prompt_attention.py); elsewhere SDPA
+        self.prompt_kernel = None
+        if self.paged_kernel is paged_attention_cpu.paged_decode_attention and \
+                paged_attention_cpu.prefill_attention_is_fast(self.dtype, self.head_dim):
+            self.prompt_kernel = paged_attention_cpu.prefill_attention
         self.decode_graphs = None
         self.compiled_decode, self.compiled_kv_write, self.compile_seconds = None, None, 0.0
 
@@ -292,6 +300,9 @@ class ModelRunner:
 
     def _prompt_span(self, chunk: Chunk, first: int) -> PromptSpan:
         sequence, keys = chunk.sequence, chunk.end
+        if self.prompt_kernel is not None:
+            table = sequence.block_table[:-(-keys // self.block_size)]
+            return PromptSpan(first, len(chunk), keys, block_table=torch.tensor(table, dtype=torch.int32))
         start = None if self.quantized else contiguous_start(sequence.block_table, self.block_size, keys)
         mask = None
         if chunk.start > 0:  # earlier chunks' keys: all visible; this chunk's: causal
@@ -347,6 +358,9 @@ class ModelRunner:
 
     def _attend_span(self, query: torch.Tensor, entry: int, span: PromptSpan) -> torch.Tensor:
         """A prompt chunk's queries `[n, heads, d]`, causal over its sequence's first `span.keys` keys."""
+        if span.block_table is not None:
+            return self.prompt_kernel(query, self.k_cache[entry], self.v_cache[entry], span.block_table, span.keys,
+                                      self.block_size, self.scaling)
         if span.in_place_start is not None:
             start, end = span.in_place_start, span.in_place_start + span.keys
             keys, values = self.k_cache[entry, None, :, start:end], self.v_cache[entry, None, :, start:end]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_attention_cpu.cpp"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention_cpu.cpp", "prefill_attention_cpu.cpp")]
 DISABLE_VARIABLE = "SWIFTKV_CPU_ATTENTION_KERNEL"  # "0": use PyTorch's attention paths instead
 logger = logging.getLogger(__name__)
 
@@ -48,18 +48,23 @@ def _build() -> bool:
     from torch.utils.cpp_extension import load
 
     try:
-        load(name=f"swiftkv_paged_attention_cpu_{_cpu_tag()}", sources=[str(SOURCE)], is_python_module=False,
+        load(name=f"swiftkv_paged_attention_cpu_{_cpu_tag()}", sources=[str(source) for source in SOURCES], is_python_module=False,
              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch paths still work
         logger.warning("the CPU paged-attention kernel could not be built (%s: %s); decode attention uses "
                        "PyTorch's kernels", type(error).__name__, (str(error).splitlines() or [""])[0])
         return False
     torch.library.register_fake("swiftkv_cpu::paged_decode_attention")(_output_like)
+    torch.library.register_fake("swiftkv_cpu::prefill_attention")(_prefill_output_like)
     torch.library.register_fake("swiftkv_cpu::write_kv_cache")(lambda cache, first, last, slots, states: None)
     return True
 
 
 def _output_like(query, k_cache, v_cache, block_tables, key_counts, block_size, scale):
+    return query.new_empty(query.shape[0], query.shape[1] * query.shape[2])
+
+
+def _prefill_output_like(query, k_cache, v_cache, block_table, keys, block_size, scale):
     return query.new_empty(query.shape[0], query.shape[1] * query.shape[2])
 
 
@@ -79,3 +84,17 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     `[rows, heads * d]` in the query's dtype. Call `available()` first (it builds the kernel)."""
     return torch.ops.swiftkv_cpu.paged_decode_attention(query, k_cache, v_cache, block_tables, key_counts,
                                                          block_size, scale)
+
+
+def prefill_attention_is_fast(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether `prefill_attention` has its vectorised path for this cache (bf16 on a CPU with AVX512-BF16, head
+    size a multiple of 32); elsewhere it is a plain loop, slower than PyTorch's SDPA. Call `available()` first."""
+    return torch.ops.swiftkv_cpu.prefill_attention_is_fast(dtype, head_dim)
+
+
+def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                      keys: int, block_size: int, scale: float) -> torch.Tensor:
+    """A prompt chunk's queries `[n, heads, d]`, at positions `[keys - n, keys)`, causal over their sequence's
+    first `keys` keys, read through its block table `[>= keys / block_size]` int32 from one entry's
+    `[kv_heads, slots, d]` caches -> `[n, heads * d]` in the query's dtype. Call `available()` first."""
+    return torch.ops.swiftkv_cpu.prefill_attention(query, k_cache, v_cache, block_table, keys, block_size, scale)
