@@ -9,7 +9,8 @@ KV heads of 64, bf16), in a cache laid out as the engine's (`[kv_heads, slots, h
   keys split         one row in place with its keys split in two halves the kernel runs in parallel, merged
                      by their log-sum-exp (flash-decoding), to use both cores;
   paged kernel       the engine's C++ kernel (engine/paged_attention_cpu.py): one row, and the batch of rows in
-                     one call, each following a block table of 16-slot blocks;
+                     one call, each following a block table of 16-slot blocks; also one row with its keys
+                     already in cache (the same layer every call), on two threads and on one;
   floor              the row's K and V bytes at `--bandwidth` GB/s (benchmarks/roofline.py measures it).
 Each cache read covers a different layer's slots per call, so timings include reading K/V from memory, as a
 decode step does. Writes JSON and a PNG.
@@ -39,6 +40,16 @@ def timed(call, repeats: int) -> float:
     for index in range(repeats):
         call(index % LAYERS)
     return 1e6 * (time.perf_counter() - started) / repeats
+
+
+def one_thread(measure):
+    """`measure()` with torch on one thread: how much of the kernel's time is instructions, not bytes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return measure()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main() -> None:
@@ -118,6 +129,9 @@ def main() -> None:
                    f"{args.rows} rows, each in place (SDPA)": timed(rows_in_place, args.repeats),
                    "one row, in place, keys split in 2": timed(split_keys, args.repeats),
                    "one row, paged kernel": timed(lambda layer: paged(layer, 1), args.repeats),
+                   "one row, paged kernel, keys in cache": timed(lambda layer: paged(0, 1), args.repeats),
+                   "one row, paged kernel, keys in cache, 1 thread": one_thread(
+                       lambda: timed(lambda layer: paged(0, 1), args.repeats)),
                    f"{args.rows} rows, paged kernel": timed(paged, args.repeats),
                    "one row, floor": floor_us,
                    f"{args.rows} rows, floor": args.rows * floor_us}

@@ -16,6 +16,10 @@ TTFT, one-stream decode and end to end are each the median of `--repeats` runs; 
 Serving replays Poisson arrivals of `--requests` requests (`--input-len` in / `--output-len` out) into the
 engine in-process, under one fixed KV-cache budget; metrics are named as in `vllm bench serve`, plus the
 paper's normalized throughput: the base model's FLOPs for the tokens served, per second (`base_model_flops`).
+It runs twice: at `--request-rate` (a steady load: TTFT and time per output token under it; a system faster
+than the load finishes soon after the last arrival, so its tokens/s says little) and at
+`--saturated-request-rate` (the requests arrive faster than any system serves them: tokens/s is capacity).
+`--parts` picks which measurements run (default: all).
 Speed does not depend on the SwiftKV weights, so an untrained conversion is measured; `--random-weights SHAPE`
 times a random-weight model of that shape (on a GPU, where only the repository travels; `--model` then only
 supplies the tokenizer). Writes JSON and a PNG.
@@ -102,6 +106,10 @@ def median_run(measure, repeats: int, key: str = "ms_per_token_per_stream"):
     return runs[len(runs) // 2]
 
 
+PARTS = ("ttft", "decode", "e2e", "serving", "saturated")
+SERVING_RUNS = {"serving": "serving", "saturated": "serving_saturated"}  # part -> its key in a system's row
+
+
 def llamacpp_row(system: str, args, text_ids: list[int]) -> dict:
     source = resolve_model_source(args.model)
     if not source.gguf_file:
@@ -111,10 +119,14 @@ def llamacpp_row(system: str, args, text_ids: list[int]) -> dict:
         gguf_path = llamacpp.bf16_gguf(gguf_path, Path.home() / ".cache" / "swiftkv" / f"{gguf_path.stem}.bf16.gguf")
     context = max(max(args.ttft_lengths), sum(args.e2e)) + 64
     runner = llamacpp.LlamaCpp(gguf_path, context, torch.get_num_threads())
-    return {"gguf": gguf_path.name,
-            "ttft_s": {n: runner.ttft(text_ids[:n], args.repeats) for n in args.ttft_lengths},
-            "decode_1": median_run(lambda: runner.decode_ms(text_ids[:128], args.decode_tokens), args.repeats),
-            "e2e_s": median_run(lambda: runner.generate(text_ids[:args.e2e[0]], args.e2e[1])[1][-1], args.repeats)}
+    row = {"gguf": gguf_path.name}
+    if "ttft" in args.parts:
+        row["ttft_s"] = {n: runner.ttft(text_ids[:n], args.repeats) for n in args.ttft_lengths}
+    if "decode" in args.parts:
+        row["decode_1"] = median_run(lambda: runner.decode_ms(text_ids[:128], args.decode_tokens), args.repeats)
+    if "e2e" in args.parts:
+        row["e2e_s"] = median_run(lambda: runner.generate(text_ids[:args.e2e[0]], args.e2e[1])[1][-1], args.repeats)
+    return row
 
 
 @torch.inference_mode()
@@ -153,6 +165,9 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=2000)
     parser.add_argument("--output-len", type=int, default=100)
     parser.add_argument("--request-rate", type=float, default=1.0, help="Poisson arrivals per second")
+    parser.add_argument("--saturated-request-rate", type=float, default=16.0,
+                        help="arrivals per second for the capacity run")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     parser.add_argument("--e2e", type=int, nargs=2, default=[2048, 128], metavar=("IN", "OUT"))
     parser.add_argument("--kv-cache-memory-gb", type=float, default=0.25)
     parser.add_argument("--weights", default="auto", choices=WEIGHT_FORMATS, help="the engine systems' weights")
@@ -171,6 +186,8 @@ def main() -> None:
     text_ids = tokenizer(data_file("wikitext2_test_raw.txt").read_text()[:400_000], add_special_tokens=False).input_ids
     serve_prompts = [text_ids[i * 997:i * 997 + args.input_len] for i in range(args.requests)]
     arrivals = poisson_arrivals(args.requests, args.request_rate)
+    arrival_times = {"serving": arrivals,
+                     "saturated": poisson_arrivals(args.requests, args.saturated_request_rate)}
     layers = swiftkv_layer_counts(base.config.num_hidden_layers)
     models = {"engine-base": base, "swiftkv-g1": convert_to_swiftkv(base, layers[1], 1),
               "swiftkv-g2": convert_to_swiftkv(base, layers[2], 2)}
@@ -188,10 +205,15 @@ def main() -> None:
                 continue
             row = llamacpp_row(system, args, text_ids)
         elif system == "hf":
-            row["ttft_s"] = {n: hf_ttft(base, text_ids[:n], args.repeats) for n in args.ttft_lengths}
-            row["decode_1"] = hf_decode_ms(base, text_ids[:128], args.decode_tokens)
-            row["e2e_s"] = hf_generate_s(base, text_ids[:args.e2e[0]], args.e2e[1])
-            row["serving"] = serve_hf(base, serve_prompts, arrivals, args.output_len)
+            if "ttft" in args.parts:
+                row["ttft_s"] = {n: hf_ttft(base, text_ids[:n], args.repeats) for n in args.ttft_lengths}
+            if "decode" in args.parts:
+                row["decode_1"] = hf_decode_ms(base, text_ids[:128], args.decode_tokens)
+            if "e2e" in args.parts:
+                row["e2e_s"] = hf_generate_s(base, text_ids[:args.e2e[0]], args.e2e[1])
+            for part, key in SERVING_RUNS.items():
+                if part in args.parts:
+                    row[key] = serve_hf(base, serve_prompts, arrival_times[part], args.output_len)
         else:
             model_name, options = engine_variant(system)
             config = EngineConfig(dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
@@ -201,17 +223,25 @@ def main() -> None:
             if engine.runner.compiled_decode is not None:
                 row["compile_seconds"] = engine.runner.compile_seconds
             engine_ttft(engine, text_ids[:64], 1)  # warm-up
-            row["ttft_s"] = {n: engine_ttft(engine, text_ids[:n], args.repeats) for n in args.ttft_lengths}
-            row["decode_1"] = median_run(lambda: engine_decode_ms(engine, [text_ids[:128]], args.decode_tokens),
-                                         args.repeats)
-            row[f"decode_{args.decode_batch}"] = engine_decode_ms(
-                engine, [text_ids[i * 500:i * 500 + 128] for i in range(args.decode_batch)], args.decode_tokens)
-            row["e2e_s"] = median_run(lambda: engine_e2e_s(engine, text_ids[:args.e2e[0]], args.e2e[1]), args.repeats)
-            engine = LLMEngine(models[model_name], tokenizer, EngineConfig(
-                dtype=args.dtype, weights=args.weights, kv_cache_memory_gb=args.kv_cache_memory_gb, **options))
-            row["serving"] = serve_engine(engine, serve_prompts, arrivals, args.output_len)
-        if "serving" in row:
-            row["serving"]["normalized_tflops_per_s"] = served_flops / row["serving"]["duration_s"] / 1e12
+            if "ttft" in args.parts:
+                row["ttft_s"] = {n: engine_ttft(engine, text_ids[:n], args.repeats) for n in args.ttft_lengths}
+            if "decode" in args.parts:
+                row["decode_1"] = median_run(
+                    lambda: engine_decode_ms(engine, [text_ids[:128]], args.decode_tokens), args.repeats)
+                row[f"decode_{args.decode_batch}"] = engine_decode_ms(
+                    engine, [text_ids[i * 500:i * 500 + 128] for i in range(args.decode_batch)], args.decode_tokens)
+            if "e2e" in args.parts:
+                row["e2e_s"] = median_run(lambda: engine_e2e_s(engine, text_ids[:args.e2e[0]], args.e2e[1]),
+                                          args.repeats)
+            for part, key in SERVING_RUNS.items():
+                if part in args.parts:  # a fresh engine: the default prefill budget, an empty cache
+                    engine = LLMEngine(models[model_name], tokenizer, EngineConfig(
+                        dtype=args.dtype, weights=args.weights, kv_cache_memory_gb=args.kv_cache_memory_gb,
+                        **options))
+                    row[key] = serve_engine(engine, serve_prompts, arrival_times[part], args.output_len)
+        for key in SERVING_RUNS.values():
+            if key in row:
+                row[key]["normalized_tflops_per_s"] = served_flops / row[key]["duration_s"] / 1e12
         print(json.dumps(row, indent=1), flush=True)
         results["systems"][system] = row
         add_ratios(results)
@@ -256,11 +286,13 @@ def add_ratios(results: dict) -> None:
     for name, row in systems.items():
         ratio = {}
         if base is not None and name != "engine-base":
-            ratio["ttft_speedup_vs_engine_base"] = {n: base["ttft_s"][n] / row["ttft_s"][n] for n in row["ttft_s"]}
-            if "serving" in row:
-                ratio["serving_throughput_vs_engine_base"] = (row["serving"]["total_token_throughput"]
-                                                              / base["serving"]["total_token_throughput"])
-        if llama is not None and name != "llamacpp-bf16":
+            if "ttft_s" in row and "ttft_s" in base:
+                ratio["ttft_speedup_vs_engine_base"] = {n: base["ttft_s"][n] / row["ttft_s"][n] for n in row["ttft_s"]}
+            for key in SERVING_RUNS.values():
+                if key in row and key in base:
+                    ratio[f"{key}_throughput_vs_engine_base"] = (row[key]["total_token_throughput"]
+                                                                 / base[key]["total_token_throughput"])
+        if llama is not None and name != "llamacpp-bf16" and "e2e_s" in row and "e2e_s" in llama:
             ratio["e2e_speedup_vs_llamacpp_bf16"] = llama["e2e_s"] / row["e2e_s"]
         ratios[name] = ratio
     results["ratios"] = ratios
@@ -269,22 +301,36 @@ def add_ratios(results: dict) -> None:
 def plot(results: dict, path: Path) -> None:
     systems = results["systems"]
     with png_figure(path, 1, 3, figsize=(15, 4)) as (fig, axes):
-        lengths = list(next(iter(systems.values()))["ttft_s"])
+        lengths = [str(n) for n in results["settings"]["ttft_lengths"]]
         width = 0.8 / len(systems)
+        s = results["settings"]
         for i, (name, row) in enumerate(systems.items()):
-            axes[0].bar([j + i * width for j in range(len(lengths))], [row["ttft_s"][n] for n in lengths], width, label=name)
-            axes[1].bar(i, row["decode_1"]["ms_per_token_per_stream"], label=name)
-            if "serving" in row:  # llama.cpp runs one request at a time: not a serving system here
-                axes[2].bar(i, row["serving"]["total_token_throughput"], label=name)
-        axes[0].set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [str(n) for n in lengths])
+            if "ttft_s" in row:
+                axes[0].bar([j + i * width for j in range(len(lengths))], list(row["ttft_s"].values()), width,
+                            label=name)
+            if "decode_1" in row:
+                axes[1].bar(i, row["decode_1"]["ms_per_token_per_stream"], label=name)
+            # llama.cpp runs one request at a time: not a serving system here
+            for offset, (key, rate) in zip((-0.2, 0.2), (("serving", s["request_rate"]),
+                                                          ("serving_saturated", s.get("saturated_request_rate")))):
+                if key in row:
+                    axes[2].bar(i + offset, row[key]["total_token_throughput"], 0.4,
+                                color="tab:blue" if key == "serving" else "tab:orange",
+                                label=f"{rate} req/s" if i == 0 else None)
+        axes[0].set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], lengths)
         axes[0].set_xlabel("prompt tokens")
         axes[0].set_ylabel("TTFT (s, median)")
-        axes[0].legend()
-        axes[1].set_xticks(range(len(systems)), list(systems), rotation=20)
+        axes[1].set_xticks(range(len(systems)), list(systems), rotation=20, ha="right")
         axes[1].set_ylabel("decode ms/token, 1 stream")
-        axes[2].set_xticks(range(len(systems)), list(systems), rotation=20)
-        s = results["settings"]
-        axes[2].set_ylabel(f"total tokens/s ({s['input_len']} in / {s['output_len']} out, {s['request_rate']} req/s)")
+        axes[2].set_xticks(range(len(systems)), list(systems), rotation=20, ha="right")
+        axes[2].set_ylabel(f"total tokens/s ({s['input_len']} in / {s['output_len']} out)")
+        for axis in axes:
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend(fontsize=8)
+            if not axis.has_data():  # a part left out by --parts
+                axis.clear()
+                axis.set_axis_off()
+                axis.text(0.5, 0.5, "not measured in this run", ha="center", transform=axis.transAxes)
         model = f"random-weight {s['random_weights']}" if s.get("random_weights") else s["model"]
         device = results.get("device", f"{results['threads']} CPU threads")
         fig.suptitle(f"{model} {s['dtype']}, {device}, KV budget {s['kv_cache_memory_gb']} GB")

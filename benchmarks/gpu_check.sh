@@ -48,7 +48,8 @@ step engine
 timeout 330 python3 benchmarks/engine.py --model $tokenizer --random-weights llama-3.1-8b --device cuda \
     --systems engine-base engine-base-eager swiftkv-g1 swiftkv-g2 \
     --ttft-lengths 2048 8192 16384 --decode-tokens 32 --decode-batch 32 --requests 24 --input-len 2000 \
-    --output-len 64 --request-rate 1000 --kv-cache-memory-gb 4 --out "$results/engine_gpu_llama8b"
+    --output-len 64 --request-rate 1000 --parts ttft decode e2e serving --kv-cache-memory-gb 4 \
+    --out "$results/engine_gpu_llama8b"
 fi
 
 if wanted prefill; then

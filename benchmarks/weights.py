@@ -2,8 +2,9 @@
 
 For the base model and SwiftKV-50% (an untrained conversion: speed does not depend on its weights), each in
 bf16, with `--weights int8` and with `--weights int4`, in one run:
-  decode      engine ms per output token with 1 stream and output tokens/s with `--decode-batch` streams
-              (WikiText-2 prompts of `--prompt-len` tokens, `--decode-tokens` tokens each);
+  decode      engine ms per output token with 1 stream, eager and with the compiled one-stream step
+              (`compile_decode`), and output tokens/s with `--decode-batch` streams (WikiText-2 prompts of
+              `--prompt-len` tokens, `--decode-tokens` tokens each);
   floor       the bytes of weights one decode step streams (projections, lm_head, SingleInputKV), at the
               memory bandwidth `benchmarks/roofline.py` measured;
   agreement   top-1 agreement of the quantized model with the bf16 model's greedy answers to the vicuna_bench
@@ -96,9 +97,14 @@ def main() -> None:
             engine_decode_ms(engine, decode_prompts[:1], 8)  # warm-up
             one = engine_decode_ms(engine, decode_prompts[:1], args.decode_tokens)
             many = engine_decode_ms(engine, decode_prompts, args.decode_tokens)
+            compiled = LLMEngine(variant, tokenizer, EngineConfig(kv_cache_memory_gb=0.25, compile_decode=True))
+            engine_decode_ms(compiled, decode_prompts[:1], 8)  # warm-up
+            one_compiled = engine_decode_ms(compiled, decode_prompts[:1], args.decode_tokens)
             weight_bytes = streamed_weight_bytes(variant)
             results["systems"][f"{name}-{weights}"] = {
                 "decode_ms_per_token": one["ms_per_token_per_stream"],
+                "decode_ms_per_token_compiled": one_compiled["ms_per_token_per_stream"],
+                "compile_seconds": compiled.runner.compile_seconds,
                 f"output_tokens_per_s_{args.decode_batch}_streams": many["output_tokens_per_second"],
                 "streamed_weight_bytes": weight_bytes, "floor_ms_per_token": 1000 * weight_bytes / bandwidth,
                 "top1_agreement_with_bf16": agreement(variant, chat_prompts, answers)}
@@ -113,7 +119,12 @@ def plot(results: dict, path: Path, streams: int) -> None:
     names = list(results["systems"])
     rows = [results["systems"][n] for n in names]
     with png_figure(path, 1, 2, figsize=(11, 4)) as (fig, (latency, throughput)):
-        latency.bar(names, [r["decode_ms_per_token"] for r in rows], label="engine")
+        positions = range(len(names))
+        latency.bar([p - 0.2 for p in positions], [r["decode_ms_per_token"] for r in rows], width=0.4,
+                    label="engine, eager")
+        latency.bar([p + 0.2 for p in positions], [r["decode_ms_per_token_compiled"] for r in rows], width=0.4,
+                    label="engine, compiled step")
+        latency.set_xticks(list(positions), names)
         latency.plot(names, [r["floor_ms_per_token"] for r in rows], "k_", markersize=30, label="weight-streaming floor")
         latency.set_ylabel("ms per output token, 1 stream")
         latency.legend()
