@@ -4,7 +4,7 @@ Systems (same weights, dtype and threads):
   hf            transformers generate on the base model (prefill = one forward with logits_to_keep=1)
   engine-base   this engine on the base model
   engine-base-eager  the same without CUDA graphs (on a GPU: what graph replay of decode steps saves)
-  <engine system>-compiled  with one-stream decode through torch.compile (CPU; `compile_decode`), e.g.
+  <engine system>-compiled  with decode steps through torch.compile (CPU; `compile_decode`), e.g.
                 engine-base-compiled, swiftkv-g1-compiled; its start-up compile time is reported
   swiftkv-g1    this engine on SwiftKV-50% (num_key_value_layers=15 of 30, no AcrossKV)
   swiftkv-g2    this engine on SwiftKV with AcrossKV groups of 2 (num_key_value_layers=16: (30-l) % 2 == 0)

@@ -114,8 +114,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="on a GPU, launch every decode step's kernels one by one instead of replaying "
                              "CUDA graphs (slower; for debugging)")
     parser.add_argument("--compile-decode", action="store_true", default=defaults.compile_decode,
-                        help="on a CPU, torch.compile one-stream decode steps (12-19%% faster per token for "
-                             "SmolLM2 on 2 cores; compiles for 20-30 s at start)")
+                        help="on a CPU, torch.compile decode steps, one stream and batches (faster tokens "
+                             "for SmolLM2 on 2 cores; compiles for 20-60 s at start)")
 
 
 def _add_device_flag(parser: argparse.ArgumentParser, default: str = "auto") -> None:

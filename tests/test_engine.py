@@ -412,3 +412,31 @@ def test_compiled_one_stream_decode_equals_eager_decode_and_transformers(model_k
         assert output.token_ids == run(engine_for(model), [prompt], GREEDY)[0].token_ids
         assert output.token_ids == hf_greedy(model, prompt, 10)
     assert len(calls) == 2 * 9  # the 9 decode steps of each request (the first token comes from prefill)
+
+
+@pytest.mark.skipif(not paged_attention_cpu.available(), reason="batched compiled decode needs the CPU paged kernel")
+@pytest.mark.parametrize("model_kind", ["base", "swiftkv-g2"])
+def test_compiled_decode_of_several_streams_uses_the_start_up_graph_and_equals_eager_decode(model_kind):
+    model = make_base_model("llama") if model_kind == "base" else swiftkv_model("llama", 2)
+
+    def tokens(engine):  # streams finishing at different steps: batches of 5, 4, 3, 2 rows, then a lone row
+        sequences = [engine.add_request(prompt, SamplingParams(max_tokens=3 + 2 * index, ignore_eos=True))
+                     for index, prompt in enumerate(prompts(5))]
+        while engine.has_unfinished():
+            engine.step()
+        return [sequence.output_token_ids for sequence in sequences]
+
+    compiled = engine_for(model, compile_decode=True)
+    graph, rows_per_call = compiled.runner.compiled_decode, []
+
+    def recorded(batch):  # after the call: a step that raised (and ran row by row instead) is not counted
+        logits = graph(batch)
+        rows_per_call.append(len(batch.rows))
+        return logits
+
+    compiled.runner.compiled_decode = recorded
+    with torch._dynamo.config.patch(error_on_recompile=True), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model_runner, "SKIP_COMPILED_GUARDS", False)  # every batch size passes the graphs' guards
+        compiled_tokens = tokens(compiled)
+    assert compiled_tokens == tokens(engine_for(model))
+    assert sorted(set(rows_per_call)) == [1, 2, 3, 4, 5]

@@ -1,4 +1,4 @@
-"""One-stream decode on a CPU through torch.compile: the whole step (every layer) as one inductor graph.
+"""Decode on a CPU through torch.compile: the whole step (every layer) as one inductor graph.
 
 Eager, a decode step of a small model is a few hundred small ATen calls around the weight GEMVs; inductor
 fuses the norms, RoPE, residuals and the MLP's activation into a handful of C++ kernels
@@ -13,11 +13,14 @@ Two things make the step compile into one graph that is reused for every length:
     (engine/paged_attention_cpu.py, an opaque custom op here too); without that kernel, the row's first slot
     and its length (sequences' blocks start at 1, block 0 being scratch, and a decoding row has at least two
     keys).
-Only lone rows (one stream) take this path; batches and prompt chunks run eagerly (their structure
+Lone rows (one stream) take this path, and with the CPU paged kernel so do decode-only steps of several
+rows: a second graph, compiled at start-up on a dummy step of two rows, whose row count is symbolic (>= 2),
+so one graph serves every batch size without padding. Steps with prompt chunks run eagerly (their structure
 changes from step to step, and each new structure would compile again). Since every step this path takes has
-the structure of the start-up step, the runner skips re-checking the graph's guards on each call
-(`skip_guard_eval_unsafe`: about 0.7 ms of a 12 ms step); tests/test_engine.py checks with guards on that no
-step would have compiled again, and that the tokens equal eager decode and transformers.
+the structure of a start-up step, the runner skips re-checking the graphs' guards on each call beyond those
+that tell the two graphs apart (`skip_guard_eval_unsafe`: about 0.7 ms of a 12 ms step);
+tests/test_engine.py checks with guards on that no step would have compiled again, and that the tokens equal
+eager decode and transformers.
 """
 
 from __future__ import annotations
@@ -41,30 +44,43 @@ def kv_cache_writer(runner):
     return torch.ops.swiftkv_cpu.write_kv_cache if runner.paged_kernel is not None else torch.ops.swiftkv.write_kv_cache
 
 
-def compile_lone_row_decode(runner):
-    """`runner._forward` compiled for single-row decode batches (block tables or in place), compiled now on a
-    dummy step that writes to the scratch block (returns the compiled function; `runner.compile_seconds` says
-    how long compiling took)."""
-    from swiftkv.engine.model_runner import Batch, QueryRows, onednn
+def dummy_decode_batch(runner, rows: int):
+    """A decode-only step of `rows` rows that each read two keys of block 1 (tables are at least two blocks
+    wide) and write to the scratch block, built as `ModelRunner._batch` builds a real one."""
+    from swiftkv.engine.model_runner import Batch, QueryRows
+
+    device, block_size = runner.device, runner.block_size
+    if runner.paged_kernel is not None:
+        query_rows = QueryRows([2] * rows, block_tables=torch.full((rows, 2), runner.first_block, dtype=torch.int32),
+                               key_counts=torch.full((rows,), 2, dtype=torch.int32))
+    else:
+        query_rows = QueryRows([2], in_place_starts=[runner.first_block * block_size])
+    return Batch(input_ids=torch.zeros(rows, dtype=torch.long, device=device),
+                 positions=torch.ones(rows, dtype=torch.long, device=device),
+                 write_slots=torch.arange(rows, device=device) + runner.scratch_block * block_size,
+                 rows=query_rows, upper_rows=query_rows if runner.swiftkv else None)
+
+
+def compile_decode(runner):
+    """`runner._forward` compiled for decode-only steps: lone rows (block tables or in place) and, with a paged
+    kernel, batches of rows; compiled now on dummy steps (returns the compiled function;
+    `runner.compile_seconds` says how long compiling took)."""
+    from swiftkv.engine.model_runner import onednn
 
     if runner.quantized:
         raise ValueError("compile_decode needs kv_cache_dtype='auto' (8-bit caches are gathered, not read in place)")
     runner.compiled_kv_write = kv_cache_writer(runner)
     compiled = torch.compile(runner._forward, dynamic=True)
-    device, block_size = runner.device, runner.block_size
-    if runner.paged_kernel is not None:  # two keys of block 1, only read (tables are at least two blocks wide)
-        rows = QueryRows([2], block_tables=torch.full((1, 2), runner.first_block, dtype=torch.int32),
-                         key_counts=torch.tensor([2], dtype=torch.int32))
-    else:
-        rows = QueryRows([2], in_place_starts=[runner.first_block * block_size])
-    batch = Batch(input_ids=torch.zeros(1, dtype=torch.long, device=device),
-                  positions=torch.ones(1, dtype=torch.long, device=device),
-                  write_slots=torch.full((1,), runner.scratch_block * block_size, device=device),
-                  rows=rows, upper_rows=rows if runner.swiftkv else None)
+    # built outside inference mode, as the runner builds a step's batch
+    lone, pair = dummy_decode_batch(runner, 1), dummy_decode_batch(runner, 2)
     started = time.perf_counter()
     # no duck sizing: the dummy's sizes that equal by chance (its table's width and a model's KV heads, say)
     # must not become one symbol, or a later step whose sizes differ would need a new graph
-    with torch.inference_mode(), onednn(enabled=False), torch.fx.experimental._config.patch(use_duck_shape=False):
-        compiled(batch)  # as `ModelRunner.forward` runs a single token
+    with torch.inference_mode(), torch.fx.experimental._config.patch(use_duck_shape=False):
+        with onednn(enabled=False):
+            compiled(lone)  # as `ModelRunner.forward` runs a single token
+        if runner.paged_kernel is not None:
+            with onednn(enabled=True):
+                compiled(pair)  # rows symbolic from here on: every batch size >= 2
     runner.compile_seconds = time.perf_counter() - started
     return compiled

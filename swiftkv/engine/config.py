@@ -18,4 +18,4 @@ class EngineConfig:
     device: str = "auto"               # auto: CUDA when present; cpu, cuda, cuda:N
     weights: str = "auto"              # "int8" / "int4": weight-only quantized projections (engine/quantized.py)
     cuda_graphs: bool = True           # on a GPU, replay decode steps from CUDA graphs (engine/cuda_graphs.py)
-    compile_decode: bool = False       # on a CPU, torch.compile one-stream decode steps (engine/compiled.py)
+    compile_decode: bool = False       # on a CPU, torch.compile decode-only steps (engine/compiled.py)

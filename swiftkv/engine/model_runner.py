@@ -68,6 +68,12 @@ class QueryRows:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    @property
+    def count(self) -> int:
+        """The number of rows, from the key counts' shape where there are some: in a compiled step that size is
+        symbolic, so one graph serves every batch size (len() of the lengths list would be a constant)."""
+        return self.key_counts.shape[0] if self.key_counts is not None else len(self.lengths)
+
 
 @dataclass
 class PromptSpan:
@@ -114,7 +120,7 @@ class Batch:
 GATHERED_ROWS_MAX_MEAN_KEYS = 512
 
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # auto: the model's dtype
-SKIP_COMPILED_GUARDS = True  # compiled one-stream decode: do not re-check its one graph's guards every step
+SKIP_COMPILED_GUARDS = True  # compiled decode: check only the guards that tell its two start-up graphs apart
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 # Rotary embeddings whose frequencies change with the sequence length: K/V cached at one length would be
@@ -208,10 +214,11 @@ class ModelRunner:
         self.decode_graphs = DecodeGraphs(self, max_batch, max_blocks)
 
     def compile_decode(self) -> None:
-        """Run one-stream decode steps through torch.compile (engine/compiled.py); compiles now."""
-        from swiftkv.engine.compiled import compile_lone_row_decode
+        """Run decode-only steps through torch.compile (engine/compiled.py): one stream, and batches where the
+        paged kernel reads the cache; compiles now."""
+        from swiftkv.engine.compiled import compile_decode
 
-        self.compiled_decode = compile_lone_row_decode(self)
+        self.compiled_decode = compile_decode(self)
 
     def _stacked_single_input_kv(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(weight, bias) of every group's `k_proj_swiftkv` then `v_proj_swiftkv`, stacked (a small copy)."""
@@ -315,7 +322,7 @@ class ModelRunner:
 
     def _attend(self, query: torch.Tensor, entry: int, rows: QueryRows, spans: list[PromptSpan]) -> torch.Tensor:
         """query `[tokens, heads, d]` (single-query rows first, then the spans' tokens) -> `[tokens, heads * d]`."""
-        parts = [self._attend_rows(query[:len(rows)], entry, rows)] if len(rows) else []
+        parts = [self._attend_rows(query[:rows.count], entry, rows)] if rows.count else []
         parts += [self._attend_span(query[span.first:span.first + span.count], entry, span) for span in spans]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -457,11 +464,21 @@ class ModelRunner:
         (benchmarks/roofline.py), so that case runs with oneDNN off.
         """
         single_token = batch.input_ids.numel() == 1 and self.device.type == "cpu"
-        if single_token and self.compiled_decode is not None and batch.rows.read_slots is None:
-            with onednn(enabled=False), torch.compiler.set_stance(skip_guard_eval_unsafe=SKIP_COMPILED_GUARDS):
-                return self.compiled_decode(batch)  # its one graph: guards checked at compile only (compiled.py)
+        if self.compiled_decode is not None and self._compiled_step(batch, single_token):
+            # its start-up graphs: guards checked at compile only (compiled.py)
+            with onednn(enabled=not single_token), \
+                    torch.compiler.set_stance(skip_guard_eval_unsafe=SKIP_COMPILED_GUARDS):
+                return self.compiled_decode(batch)
         with onednn(enabled=not single_token):
             return self._forward(batch)
+
+    def _compiled_step(self, batch: Batch, single_token: bool) -> bool:
+        """Whether `batch` has the structure of a compiled start-up step: one decode row read in place or through
+        block tables, or several decode rows (and nothing else) through the paged kernel."""
+        if single_token:
+            return batch.rows.read_slots is None
+        return (not batch.spans and batch.logit_tokens is None and batch.rows.block_tables is not None
+                and self.paged_kernel is not None)
 
     def _forward(self, batch: Batch) -> Optional[torch.Tensor]:
         hidden = self.decoder.embed_tokens(batch.input_ids)  # [tokens, hidden]
