@@ -23,7 +23,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_math.h"
+#include "attention_common.h"
 
 namespace {
 
@@ -371,15 +371,7 @@ void decode(const torch::Tensor& query, const torch::Tensor& k_cache, const torc
 torch::Tensor paged_decode_attention(const torch::Tensor& query, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                                      const torch::Tensor& key_counts, int64_t block_size, double scale) {
-  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "query and caches must be 3-d");
-  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
-              "query and caches must share a dtype");
-  TORCH_CHECK(query.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
-              "head_dim must be contiguous");
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have one shape");
-  TORCH_CHECK(query.size(2) == k_cache.size(2), "query and caches must share head_dim");
-  TORCH_CHECK(query.size(1) % k_cache.size(0) == 0, "query heads must be a multiple of KV heads");
-  TORCH_CHECK(block_size > 0, "block_size must be positive");
+  swiftkv_common::check_query_and_caches(query, k_cache, v_cache, block_size);
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && key_counts.scalar_type() == at::kInt,
               "block_tables and key_counts must be int32");
   TORCH_CHECK(query.size(0) == block_tables.size(0) && query.size(0) == key_counts.size(0) && query.size(0) > 0,

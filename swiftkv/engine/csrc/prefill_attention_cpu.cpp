@@ -32,7 +32,7 @@
 #include <limits>
 #include <vector>
 
-#include "cpu_math.h"
+#include "attention_common.h"
 
 namespace {
 
@@ -292,15 +292,7 @@ bool is_fast(at::ScalarType dtype, int64_t head_dim) {
 // cache entry); block_table [>= keys / block_size] int32 -> [n, heads * head_dim], causal
 torch::Tensor prefill_attention(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                 const torch::Tensor& block_table, int64_t keys, int64_t block_size, double scale) {
-  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "query and caches must be 3-d");
-  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
-              "query and caches must share a dtype");
-  TORCH_CHECK(query.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
-              "head_dim must be contiguous");
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have one shape");
-  TORCH_CHECK(query.size(2) == k_cache.size(2), "query and caches must share head_dim");
-  TORCH_CHECK(query.size(1) % k_cache.size(0) == 0, "query heads must be a multiple of KV heads");
-  TORCH_CHECK(block_size > 0, "block_size must be positive");
+  swiftkv_common::check_query_and_caches(query, k_cache, v_cache, block_size);
   TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 1, "block_table must be 1-d int32");
   TORCH_CHECK(query.size(0) >= 1 && keys >= query.size(0), "need 1 <= queries <= keys");
   TORCH_CHECK(block_table.size(0) * block_size >= keys, "block_table holds fewer than `keys` slots");

@@ -1,0 +1,49 @@
+// What the CPU attention kernels share (paged_attention_cpu.cpp, prefill_attention_cpu.cpp): argument checks
+// and vector math.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace swiftkv_common {
+
+// query [rows, heads, head_dim] against one cache entry's k_cache/v_cache [kv_heads, slots, head_dim]
+inline void check_query_and_caches(const torch::Tensor& query, const torch::Tensor& k_cache,
+                                   const torch::Tensor& v_cache, int64_t block_size) {
+  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "query and caches must be 3-d");
+  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "query and caches must share a dtype");
+  TORCH_CHECK(query.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
+              "head_dim must be contiguous");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have one shape");
+  TORCH_CHECK(query.size(2) == k_cache.size(2), "query and caches must share head_dim");
+  TORCH_CHECK(query.size(1) % k_cache.size(0) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(block_size > 0, "block_size must be positive");
+}
+
+}  // namespace swiftkv_common
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+namespace swiftkv_math {
+
+// e^x for x <= 0 (scores minus their maximum), to about 2 ulp: e^x = 2^k * e^r with r = x - k ln 2 in
+// [-ln2/2, ln2/2], e^r by its degree-6 Taylor polynomial
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));  // below: 0 after rounding anyway
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x);  // ln 2 in two parts: exact k * high
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, k);
+}
+
+}  // namespace swiftkv_math
+#endif
