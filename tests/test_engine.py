@@ -439,4 +439,21 @@ def test_compiled_decode_of_several_streams_uses_the_start_up_graph_and_equals_e
         patch.setattr(model_runner, "SKIP_COMPILED_GUARDS", False)  # every batch size passes the graphs' guards
         compiled_tokens = tokens(compiled)
     assert compiled_tokens == tokens(engine_for(model))
-    assert sorted(set(rows_per_call)) == [1, 2, 3, 4, 5]
+    assert sorted(set(rows_per_call)) == [1, 2, 3, 4, 5] and compiled.runner.compiled_batches
+
+
+@pytest.mark.skipif(not paged_attention_cpu.available(), reason="batched compiled decode needs the CPU paged kernel")
+def test_a_batch_the_compiled_graph_cannot_run_decodes_eagerly_from_then_on():
+    model = swiftkv_model()
+    compiled = engine_for(model, compile_decode=True)
+    graph = compiled.runner.compiled_decode
+
+    def lone_rows_only(batch):
+        if len(batch.rows) > 1:
+            raise RuntimeError("Recompilation triggered with skip_guard_eval_unsafe stance")
+        return graph(batch)
+
+    compiled.runner.compiled_decode = lone_rows_only
+    outputs = run(compiled, prompts(3), GREEDY)
+    assert not compiled.runner.compiled_batches
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in run(engine_for(model), prompts(3), GREEDY)]

@@ -22,6 +22,7 @@ calls around weight-streaming GEMVs, so every call saved is time saved (docs/eng
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
@@ -33,6 +34,8 @@ from swiftkv.engine import paged_attention, paged_attention_cpu
 from swiftkv.engine.block_manager import contiguous_start, slot_ids
 from swiftkv.engine.quantized import fuse_projections
 from swiftkv.engine.sequence import Chunk
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -203,6 +206,7 @@ class ModelRunner:
             self.prompt_kernel = paged_attention_cpu.prefill_attention
         self.decode_graphs = None
         self.compiled_decode, self.compiled_kv_write, self.compile_seconds = None, None, 0.0
+        self.compiled_batches = True  # off after a compiled batch step fails (forward)
 
     def capture_decode_graphs(self, max_batch: int, max_model_length: int) -> None:
         """Replay decode-only steps of up to `max_batch` sequences from CUDA graphs (engine/cuda_graphs.py)."""
@@ -466,9 +470,17 @@ class ModelRunner:
         single_token = batch.input_ids.numel() == 1 and self.device.type == "cpu"
         if self.compiled_decode is not None and self._compiled_step(batch, single_token):
             # its start-up graphs: guards checked at compile only (compiled.py)
-            with onednn(enabled=not single_token), \
-                    torch.compiler.set_stance(skip_guard_eval_unsafe=SKIP_COMPILED_GUARDS):
-                return self.compiled_decode(batch)
+            try:
+                with onednn(enabled=not single_token), \
+                        torch.compiler.set_stance(skip_guard_eval_unsafe=SKIP_COMPILED_GUARDS):
+                    return self.compiled_decode(batch)
+            except Exception:
+                if single_token:
+                    raise
+                # a batch the start-up graph does not cover: eager from now on, not every row alone
+                logger.warning("compiled decode of %d rows failed; batches decode eagerly from now on",
+                               batch.rows.count, exc_info=True)
+                self.compiled_batches = False
         with onednn(enabled=not single_token):
             return self._forward(batch)
 
@@ -477,8 +489,8 @@ class ModelRunner:
         block tables, or several decode rows (and nothing else) through the paged kernel."""
         if single_token:
             return batch.rows.read_slots is None
-        return (not batch.spans and batch.logit_tokens is None and batch.rows.block_tables is not None
-                and self.paged_kernel is not None)
+        return (self.compiled_batches and not batch.spans and batch.logit_tokens is None
+                and batch.rows.block_tables is not None and self.paged_kernel is not None)
 
     def _forward(self, batch: Batch) -> Optional[torch.Tensor]:
         hidden = self.decoder.embed_tokens(batch.input_ids)  # [tokens, hidden]
