@@ -24,18 +24,10 @@ import torch.nn.functional as F
 from swiftkv.engine import paged_attention_cpu
 from swiftkv.plotting import png_figure
 
+from roofline import timed
+
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama-3.1-8b": (32, 8, 128)}
 BLOCK = 16
-
-
-def median_ms(call, repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return 1000 * sorted(times)[len(times) // 2]
 
 
 def attention_flops(queries: int, keys: int, heads: int, head_dim: int) -> float:
@@ -70,8 +62,8 @@ def time_case(heads: int, kv_heads: int, head_dim: int, queries: int, keys: int,
         return paged_attention_cpu.prefill_attention(query, paged_k, paged_v, table, keys, BLOCK, scale)
 
     error = (kernel().float() - sdpa()[0].transpose(0, 1).reshape(queries, -1).float()).abs().max().item()
-    return {"queries": queries, "keys": keys, "sdpa_ms": median_ms(sdpa, repeats),
-            "kernel_ms": median_ms(kernel, repeats), "flops": attention_flops(queries, keys, heads, head_dim),
+    return {"queries": queries, "keys": keys, "sdpa_ms": 1000 * timed(sdpa, repeats),
+            "kernel_ms": 1000 * timed(kernel, repeats), "flops": attention_flops(queries, keys, heads, head_dim),
             "max_abs_difference": error}
 
 

@@ -21,6 +21,11 @@ from test_paged_attention import attention_over_gathered_keys
 pytestmark = pytest.mark.skipif(not paged_attention_cpu.available(), reason="the C++ kernel could not be built")
 
 
+def random_caches(kv_heads, slots, head_dim, dtype, generator):
+    """One cache entry's K and V, `[kv_heads, slots, head_dim]` each."""
+    return (torch.randn(kv_heads, slots, head_dim, generator=generator).to(dtype) for _ in "kv")
+
+
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [
     (4, 2, 16, 4),     # the test models' shape, small blocks
     (9, 3, 64, 16),    # SmolLM2's GQA (3 query heads per KV head)
@@ -32,8 +37,7 @@ pytestmark = pytest.mark.skipif(not paged_attention_cpu.available(), reason="the
 def test_kernel_equals_attention_over_gathered_keys(heads, kv_heads, head_dim, block_size, dtype):
     generator = torch.Generator().manual_seed(0)
     num_blocks = 300
-    k_cache, v_cache = (torch.randn(kv_heads, num_blocks * block_size, head_dim, generator=generator).to(dtype)
-                        for _ in "kv")
+    k_cache, v_cache = random_caches(kv_heads, num_blocks * block_size, head_dim, dtype, generator)
     # one key, a partial block, whole blocks, and a row long enough that its keys are split over several tasks
     # (the short rows' shares are then empty)
     key_counts = torch.tensor([1, 37, 5 * block_size, 1100], dtype=torch.int32)
@@ -101,8 +105,7 @@ def causal_attention_over_gathered_keys(query, k_cache, v_cache, block_table, ke
 def test_prompt_kernel_equals_causal_attention_over_gathered_keys(heads, kv_heads, head_dim, block_size, dtype):
     generator = torch.Generator().manual_seed(0)
     num_blocks = 300
-    k_cache, v_cache = (torch.randn(kv_heads, num_blocks * block_size, head_dim, generator=generator).to(dtype)
-                        for _ in "kv")
+    k_cache, v_cache = random_caches(kv_heads, num_blocks * block_size, head_dim, dtype, generator)
     # a one-token prompt, whole prompts shorter and longer than a key block, and chunks that continue a prompt
     # (a long one; one query; one whose keys end mid key block)
     for keys, queries in [(1, 1), (37, 37), (300, 300), (1000, 45), (1000, 1), (130, 64)]:

@@ -54,7 +54,7 @@ def dummy_decode_batch(runner, rows: int):
         query_rows = QueryRows([2] * rows, block_tables=torch.full((rows, 2), runner.first_block, dtype=torch.int32),
                                key_counts=torch.full((rows,), 2, dtype=torch.int32))
     else:
-        query_rows = QueryRows([2], in_place_starts=[runner.first_block * block_size])
+        query_rows = QueryRows([2] * rows, in_place_starts=[runner.first_block * block_size] * rows)
     return Batch(input_ids=torch.zeros(rows, dtype=torch.long, device=device),
                  positions=torch.ones(rows, dtype=torch.long, device=device),
                  write_slots=torch.arange(rows, device=device) + runner.scratch_block * block_size,

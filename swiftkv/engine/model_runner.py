@@ -490,7 +490,7 @@ class ModelRunner:
         if single_token:
             return batch.rows.read_slots is None
         return (self.compiled_batches and not batch.spans and batch.logit_tokens is None
-                and batch.rows.block_tables is not None and self.paged_kernel is not None)
+                and batch.rows.block_tables is not None)
 
     def _forward(self, batch: Batch) -> Optional[torch.Tensor]:
         hidden = self.decoder.embed_tokens(batch.input_ids)  # [tokens, hidden]

@@ -1,4 +1,5 @@
-"""Decode attention straight from the paged KV cache on a CPU: a small C++ kernel (csrc/paged_attention_cpu.cpp).
+"""Attention straight from the paged KV cache on a CPU: small C++ kernels for decode rows
+(csrc/paged_attention_cpu.cpp) and for prompt chunks (csrc/prefill_attention_cpu.cpp).
 
 PyTorch's fused SDPA kernel spends about 0.1 us per key on one query row here (SmolLM2's 9 query heads over 3
 KV heads), several times the time to stream those keys from memory, so on long contexts attention became a
@@ -6,7 +7,9 @@ third of a decode step (docs/engine-decode.md has the design and the measurement
 row's block table like the GPU's Triton kernel (engine/paged_attention.py): no gather, no contiguous-slots
 requirement, every row of a batch in one call, split over (row, KV head, share of the keys) so one long row
 keeps every thread busy, and the query heads that share a KV head read its keys once. AVX-512 (and
-AVX512-BF16 for bf16 caches) where the CPU has it, plain loops elsewhere.
+AVX512-BF16 for bf16 caches) where the CPU has it, plain loops elsewhere. The prompt kernel is a flash-attention
+forward for bf16 on AVX512-BF16 (about 4x PyTorch's SDPA there, benchmarks/prompt_attention.py); the engine
+uses SDPA for prompts elsewhere (`prefill_attention_is_fast`).
 
 It is compiled on first use with the machine's C++ compiler (the one torch.compile needs too) through
 `torch.utils.cpp_extension`, for this CPU (`-march=native`), and cached by torch under `TORCH_EXTENSIONS_DIR`
@@ -48,23 +51,20 @@ def _build() -> bool:
     from torch.utils.cpp_extension import load
 
     try:
-        load(name=f"swiftkv_paged_attention_cpu_{_cpu_tag()}", sources=[str(source) for source in SOURCES], is_python_module=False,
-             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        load(name=f"swiftkv_paged_attention_cpu_{_cpu_tag()}", sources=[str(source) for source in SOURCES],
+             is_python_module=False, extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch paths still work
-        logger.warning("the CPU paged-attention kernel could not be built (%s: %s); decode attention uses "
+        logger.warning("the CPU paged-attention kernels could not be built (%s: %s); attention uses "
                        "PyTorch's kernels", type(error).__name__, (str(error).splitlines() or [""])[0])
         return False
     torch.library.register_fake("swiftkv_cpu::paged_decode_attention")(_output_like)
-    torch.library.register_fake("swiftkv_cpu::prefill_attention")(_prefill_output_like)
+    torch.library.register_fake("swiftkv_cpu::prefill_attention")(_output_like)
     torch.library.register_fake("swiftkv_cpu::write_kv_cache")(lambda cache, first, last, slots, states: None)
     return True
 
 
-def _output_like(query, k_cache, v_cache, block_tables, key_counts, block_size, scale):
-    return query.new_empty(query.shape[0], query.shape[1] * query.shape[2])
-
-
-def _prefill_output_like(query, k_cache, v_cache, block_table, keys, block_size, scale):
+def _output_like(query, *rest):
+    """Both attention ops' output: `[rows, heads * d]` in the query's dtype."""
     return query.new_empty(query.shape[0], query.shape[1] * query.shape[2])
 
 
