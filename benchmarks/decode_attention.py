@@ -11,6 +11,8 @@ KV heads of 64, bf16), in a cache laid out as the engine's (`[kv_heads, slots, h
   paged kernel       the engine's C++ kernel (engine/paged_attention_cpu.py): one row, and the batch of rows in
                      one call, each following a block table of 16-slot blocks; also one row with its keys
                      already in cache (the same layer every call), on two threads and on one;
+  tiled cache        the same kernel over the engine's tiled bf16 cache (csrc/bf16_tiles.h: K and V stored as
+                     the pairs `vdpbf16ps` reads, so no transposes or unpacks per key);
   floor              the row's K and V bytes at `--bandwidth` GB/s (benchmarks/roofline.py measures it).
 Each cache read covers a different layer's slots per call, so timings include reading K/V from memory, as a
 decode step does. Writes JSON and a PNG.
@@ -67,6 +69,8 @@ def main() -> None:
     slots_per_layer = args.rows * longest
     cache = torch.randn(LAYERS, KV_HEADS, slots_per_layer, HEAD_DIM, dtype=torch.bfloat16)
     values = torch.randn_like(cache)
+    tiled_keys = paged_attention_cpu.tile_cache(cache, values=False)
+    tiled_values = paged_attention_cpu.tile_cache(values, values=True)
     scale = HEAD_DIM ** -0.5
     results = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "settings": vars(args),
                "microseconds_per_layer": {}}
@@ -111,16 +115,18 @@ def main() -> None:
             tables = (row_slots[:, ::block] // block).int()  # every row's blocks, in order
             counts = torch.full((args.rows,), context, dtype=torch.int32)
 
-            def paged(layer, rows=args.rows):
+            def paged(layer, rows=args.rows, tiled=False):
                 query_rows = queries.transpose(0, 1)[:rows].reshape(rows, KV_HEADS * GROUP, HEAD_DIM)
-                return paged_attention_cpu.paged_decode_attention(query_rows, cache[layer], values[layer],
-                                                                  tables[:rows], counts[:rows], block, scale)
+                keys, vals = (tiled_keys, tiled_values) if tiled else (cache, values)
+                return paged_attention_cpu.paged_decode_attention(query_rows, keys[layer], vals[layer], tables[:rows],
+                                                                  counts[:rows], block, scale, tiled=tiled)
 
             floor_us = 1e6 * 2 * cache[0, :, :context].nbytes / (args.bandwidth * 1e9)  # one row's K and V
             torch.testing.assert_close(in_place(0), gather_matmuls(0), atol=2e-2, rtol=2e-2)
             torch.testing.assert_close(split_keys(0), in_place(0), atol=2e-2, rtol=2e-2)
             torch.testing.assert_close(paged(0, 1).view(KV_HEADS, 1, GROUP, HEAD_DIM),
                                        rows_in_place(0)[0], atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(paged(0, tiled=True), paged(0), atol=2e-2, rtol=2e-2)
             row = {"one row, gather + matmuls": timed(gather_matmuls, args.repeats),
                    "one row, in place (SDPA)": timed(in_place, args.repeats),
                    f"{args.rows} rows, gather + matmuls": timed(
@@ -133,6 +139,13 @@ def main() -> None:
                    "one row, paged kernel, keys in cache, 1 thread": one_thread(
                        lambda: timed(lambda layer: paged(0, 1), args.repeats)),
                    f"{args.rows} rows, paged kernel": timed(paged, args.repeats),
+                   "one row, paged kernel, tiled cache": timed(lambda layer: paged(layer, 1, True), args.repeats),
+                   "one row, paged kernel, tiled cache, keys in cache": timed(lambda layer: paged(0, 1, True),
+                                                                              args.repeats),
+                   "one row, paged kernel, tiled cache, keys in cache, 1 thread": one_thread(
+                       lambda: timed(lambda layer: paged(0, 1, True), args.repeats)),
+                   f"{args.rows} rows, paged kernel, tiled cache": timed(lambda layer: paged(layer, tiled=True),
+                                                                         args.repeats),
                    "one row, floor": floor_us,
                    f"{args.rows} rows, floor": args.rows * floor_us}
             results["microseconds_per_layer"][context] = row
@@ -140,19 +153,28 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    with png_figure(out.with_suffix(".png"), figsize=(8, 4.5)) as (fig, axis):
-        contexts = list(results["microseconds_per_layer"])
-        for name in results["microseconds_per_layer"][contexts[0]]:
-            axis.plot(contexts, [results["microseconds_per_layer"][c][name] for c in contexts], label=name,
-                      marker="" if "floor" in name else "o", linestyle=":" if "floor" in name else "-")
+    plot(results, out.with_suffix(".png"))
+
+
+def plot(results: dict, path: Path) -> None:
+    """Every timing against the context; the tiled cache's dashed, the floors dotted."""
+    from matplotlib import colormaps
+
+    with png_figure(path, figsize=(11, 5)) as (fig, axis):
+        timings = results["microseconds_per_layer"]
+        contexts = list(timings)
+        colors = colormaps["tab20"].colors
+        for index, name in enumerate(timings[contexts[0]]):
+            style = ":" if "floor" in name else "--" if "tiled" in name else "-"
+            axis.plot([int(c) for c in contexts], [timings[c][name] for c in contexts], label=name,
+                      color=colors[index % len(colors)], marker="" if "floor" in name else "o", linestyle=style)
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("context (keys)")
         axis.set_ylabel("microseconds per layer")
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.suptitle("Decode attention on CPU: 9 query heads over 3 KV heads of 64, bf16, "
                      f"{results['threads']} threads")
-
 
 if __name__ == "__main__":
     main()

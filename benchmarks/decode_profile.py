@@ -33,7 +33,8 @@ def decode_steps(engine: LLMEngine, prompt: list[int], steps: int, profiler=None
     """Prefill, then `steps` decode steps (under `profiler`, if given); returns the tokens and the mean seconds
     per decode step."""
     sequence = engine.add_request(prompt, SamplingParams(max_tokens=steps + 1, ignore_eos=True))
-    engine.step()  # prefill + first token
+    while not sequence.output_token_ids:  # prefill (in chunks, for prompts over the step's budget), first token
+        engine.step()
     with profiler or nullcontext():
         started = time.perf_counter()
         while engine.has_unfinished():

@@ -11,7 +11,7 @@ from swiftkv.convert import convert_to_swiftkv
 from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
 from swiftkv.engine import model_runner, paged_attention_cpu
 from swiftkv.engine.block_manager import BlockManager, contiguous_start
-from swiftkv.engine.llm_engine import request_output
+from swiftkv.engine.llm_engine import StepStats, request_output
 from swiftkv.engine.sampler import nucleus
 from swiftkv.engine.sequence import Chunk, Sequence
 
@@ -136,13 +136,16 @@ def test_a_prompt_arriving_while_others_decode_runs_in_their_step_and_changes_no
     forward = engine.runner.forward
     engine.runner.forward = lambda batch: batches.append((len(batch.rows), len(batch.spans))) or forward(batch)
     first, second, third = prompts(3)
-    early = [engine.add_request(p, GREEDY) for p in (first, second)]
+    early, ran = [engine.add_request(p, GREEDY) for p in (first, second)], []
     for _ in range(3):
         engine.step()
+        ran.append(engine.last_step)
     late = engine.add_request(third, GREEDY)
     while engine.has_unfinished():
         engine.step()
+        ran.append(engine.last_step)
     assert batches[:2] == [(0, 2), (2, 0)] and batches[3] == (2, 1)  # two prompts in one step; then mixed
+    assert ran[:2] == [StepStats(0, len(first) + len(second)), StepStats(2, 0)] and ran[3] == StepStats(2, len(third))
     expected = run(engine_for(model), prompts(3), GREEDY)
     assert [s.output_token_ids for s in (*early, late)] == [o.token_ids for o in expected]
 
@@ -415,9 +418,13 @@ def test_compiled_one_stream_decode_equals_eager_decode_and_transformers(model_k
 
 
 @pytest.mark.skipif(not paged_attention_cpu.available(), reason="batched compiled decode needs the CPU paged kernel")
-@pytest.mark.parametrize("model_kind", ["base", "swiftkv-g2"])
+@pytest.mark.parametrize("model_kind", ["base", "swiftkv-g2", "swiftkv-g2-tiled"])
 def test_compiled_decode_of_several_streams_uses_the_start_up_graph_and_equals_eager_decode(model_kind):
     model = make_base_model("llama") if model_kind == "base" else swiftkv_model("llama", 2)
+    options = {}
+    if model_kind.endswith("tiled"):  # bf16, 32-wide heads, blocks of 16: a tiled cache where the CPU has AVX512-BF16
+        model = convert_to_swiftkv(make_base_model("llama", hidden_size=128), 2, 2).bfloat16()
+        options = dict(dtype="bfloat16", block_size=16)
 
     def tokens(engine):  # streams finishing at different steps: batches of 5, 4, 3, 2 rows, then a lone row
         sequences = [engine.add_request(prompt, SamplingParams(max_tokens=3 + 2 * index, ignore_eos=True))
@@ -426,7 +433,9 @@ def test_compiled_decode_of_several_streams_uses_the_start_up_graph_and_equals_e
             engine.step()
         return [sequence.output_token_ids for sequence in sequences]
 
-    compiled = engine_for(model, compile_decode=True)
+    compiled = engine_for(model, compile_decode=True, **options)
+    assert compiled.runner.tiled_cache == (bool(options) and paged_attention_cpu.tiled_cache_is_supported(
+        torch.bfloat16, 32, 16))
     graph, rows_per_call = compiled.runner.compiled_decode, []
 
     def recorded(batch):  # after the call: a step that raised (and ran row by row instead) is not counted
@@ -438,7 +447,7 @@ def test_compiled_decode_of_several_streams_uses_the_start_up_graph_and_equals_e
     with torch._dynamo.config.patch(error_on_recompile=True), pytest.MonkeyPatch.context() as patch:
         patch.setattr(model_runner, "SKIP_COMPILED_GUARDS", False)  # every batch size passes the graphs' guards
         compiled_tokens = tokens(compiled)
-    assert compiled_tokens == tokens(engine_for(model))
+    assert compiled_tokens == tokens(engine_for(model, **options))
     assert sorted(set(rows_per_call)) == [1, 2, 3, 4, 5] and compiled.runner.compiled_batches
 
 
@@ -457,3 +466,15 @@ def test_a_batch_the_compiled_graph_cannot_run_decodes_eagerly_from_then_on():
     outputs = run(compiled, prompts(3), GREEDY)
     assert not compiled.runner.compiled_batches
     assert [o.token_ids for o in outputs] == [o.token_ids for o in run(engine_for(model), prompts(3), GREEDY)]
+
+
+def test_the_serving_measurement_accounts_for_every_prompt_token_and_decode_row():
+    from swiftkv.engine.measure import serve_engine
+
+    token_prompts = prompts(5, seed=4)
+    result = serve_engine(engine_for(swiftkv_model()), token_prompts, [0.0, 0.0, 0.01, 0.02, 0.02], output_len=6)
+    steps = result["steps"]
+    assert result["completed"] == 5
+    assert steps["prompt"]["prompt_tokens"] == sum(map(len, token_prompts)) and steps["decode"]["prompt_tokens"] == 0
+    assert steps["prompt"]["decode_rows"] + steps["decode"]["decode_rows"] == 5 * 5  # the first token is prefill's
+    assert steps["prompt"]["count"] > 0 and steps["decode"]["count"] > 0 and steps["decode"]["seconds"] > 0

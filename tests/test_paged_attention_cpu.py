@@ -156,3 +156,86 @@ def test_the_engine_prefills_through_the_prompt_kernel_with_the_logits_of_sdpa(m
     assert not no_calls
     for kernel_logits, sdpa_logits in zip(with_kernel, without_kernel):
         torch.testing.assert_close(kernel_logits.float(), sdpa_logits.float(), atol=1e-2, rtol=1e-2)
+
+
+tiled_path = pytest.mark.skipif(not paged_attention_cpu.tiled_cache_is_supported(torch.bfloat16, 32, 16),
+                                reason="a tiled cache needs the kernels' AVX512-BF16 paths")
+
+
+@tiled_path
+@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [
+    (9, 3, 64, 16),    # SmolLM2
+    (32, 8, 128, 16),  # Llama-3.1-8B: more query heads per KV head than the kernels hold in registers at once
+    (4, 2, 96, 32),    # a head size that is a multiple of 32 but not 64, blocks of two tiles
+    (6, 6, 32, 16),    # no GQA
+])
+def test_both_kernels_read_a_tiled_cache_as_attention_over_its_slots(heads, kv_heads, head_dim, block_size):
+    generator = torch.Generator().manual_seed(1)
+    num_blocks, scale = 200, head_dim ** -0.5
+    k_cache, v_cache = random_caches(kv_heads, num_blocks * block_size, head_dim, torch.bfloat16, generator)
+    k_tiled = paged_attention_cpu.tile_cache(k_cache, values=False)
+    v_tiled = paged_attention_cpu.tile_cache(v_cache, values=True)
+    # decode rows: one key, part of a tile, exactly a key block, one key more, and a row split over several tasks
+    key_counts = torch.tensor([1, 37, 64, 65, 5 * block_size, 1100], dtype=torch.int32)
+    tables = torch.stack([torch.randperm(num_blocks, generator=generator)[:-(-1100 // block_size)]
+                          for _ in key_counts]).int()
+    query = torch.randn(len(key_counts), heads + kv_heads, head_dim, generator=generator).bfloat16()[:, :heads]
+    output = paged_attention_cpu.paged_decode_attention(query, k_tiled, v_tiled, tables, key_counts, block_size,
+                                                        scale, tiled=True)
+    expected = attention_over_gathered_keys(query.float(), k_cache.float(), v_cache.float(), tables, key_counts,
+                                            block_size, scale)
+    torch.testing.assert_close(output.float(), expected, atol=1e-2, rtol=1e-2)
+    for keys, queries in [(1, 1), (37, 37), (300, 300), (1000, 45), (130, 64)]:  # prompts and continuing chunks
+        table = torch.randperm(num_blocks, generator=generator)[:-(-keys // block_size)].int()
+        query = torch.randn(queries, heads + kv_heads, head_dim, generator=generator).bfloat16()[:, :heads]
+        output = paged_attention_cpu.prefill_attention(query, k_tiled, v_tiled, table, keys, block_size, scale,
+                                                       tiled=True)
+        expected = causal_attention_over_gathered_keys(query, k_cache, v_cache, table, keys, block_size, scale)
+        torch.testing.assert_close(output.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@tiled_path
+def test_a_tiled_write_puts_each_token_where_tiling_the_slot_ordered_cache_puts_it():
+    generator = torch.Generator().manual_seed(2)
+    slots = torch.randperm(40 * 16, generator=generator)[:50]
+    states = torch.randn(50, 2, 3, 64, generator=generator).bfloat16().permute(1, 2, 0, 3)  # as the runner's
+    for values in (False, True):
+        tiled, slot_ordered = torch.zeros(3, 3, 40 * 16, 64).bfloat16(), torch.zeros(3, 3, 40 * 16, 64).bfloat16()
+        paged_attention_cpu.write_tiled_kv_cache(tiled, 1, 3, slots, states, values)
+        slot_ordered[1:3].index_copy_(2, slots, states)
+        assert torch.equal(tiled, paged_attention_cpu.tile_cache(slot_ordered, values))
+
+
+def test_a_cache_that_cannot_be_tiled_gets_a_clear_error():
+    cache = torch.zeros(2, 16, 16)  # float32, head size 16
+    with pytest.raises(RuntimeError, match="tiled KV cache needs bf16"):
+        paged_attention_cpu.paged_decode_attention(torch.zeros(1, 4, 16), cache, cache, torch.zeros(1, 1).int(),
+                                                   torch.ones(1, dtype=torch.int32), 16, 0.25, tiled=True)
+
+
+@tiled_path
+@pytest.mark.parametrize("swiftkv", [False, True])
+def test_the_engine_tiles_bf16_caches_and_gets_the_logits_of_pytorch_attention(monkeypatch, swiftkv):
+    """bf16, 32-wide heads, blocks of 16: the engine stores K/V tiled; a whole prompt and a chunked one packed in
+    one step, then decode steps of both, give the logits of PyTorch's attention over slot-ordered caches."""
+    model = make_base_model("llama", hidden_size=128).bfloat16()
+    if swiftkv:
+        model = convert_to_swiftkv(model, 2, 1)
+
+    def logits():
+        engine = engine_for(model, dtype="bfloat16", block_size=16)
+        whole, chunked = reserved_sequences(engine, prompts(2, seed=5))
+        engine.runner.run([Chunk(chunked, 0, 9)])
+        steps = [engine.runner.run([Chunk(whole, 0, len(whole)), Chunk(chunked, 9, len(chunked))])]
+        for token in (7, 11, 13):
+            for sequence in (whole, chunked):
+                sequence.token_ids.append(token)
+            steps.append(engine.runner.run([Chunk(s, len(s) - 1, len(s)) for s in (whole, chunked)]))
+        return [row for step in steps for row in step], engine.runner.tiled_cache
+
+    tiled_logits, tiled = logits()
+    monkeypatch.setenv(paged_attention_cpu.DISABLE_VARIABLE, "0")
+    pytorch_logits, pytorch_tiled = logits()
+    assert tiled and not pytorch_tiled
+    for ours, theirs in zip(tiled_logits, pytorch_logits):
+        torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=2e-2)

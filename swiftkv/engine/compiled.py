@@ -5,9 +5,9 @@ fuses the norms, RoPE, residuals and the MLP's activation into a handful of C++ 
 (`benchmarks/decode_profile.py --compile`: SmolLM2-135M 11.0 ms against 13.5 ms per step eager, tokens equal).
 
 Two things make the step compile into one graph that is reused for every length:
-  * the KV-cache write is one opaque in-place custom op (`swiftkv::write_kv_cache`): as ATen ops on a view of
-    the cache (a graph input), inductor functionalises the mutation and copies the whole cache every step
-    (250 ms per step);
+  * the KV-cache write is one opaque in-place custom op (`swiftkv::write_kv_cache`; a tiled cache's own writer,
+    `swiftkv_cpu::write_tiled_kv_cache`, is one already): as ATen ops on a view of the cache (a graph input),
+    inductor functionalises the mutation and copies the whole cache every step (250 ms per step);
   * the sizes that change from step to step are symbolic (`dynamic=True`) and never 0 or 1, the values torch
     specialises on: the row's block table (at least two blocks wide) for the CPU paged-attention kernel
     (engine/paged_attention_cpu.py, an opaque custom op here too); without that kernel, the row's first slot

@@ -17,7 +17,7 @@ from swiftkv.engine.quantized import fuse_projections, quantize_weights
 from swiftkv.engine.sampler import sample, token_logprobs
 from swiftkv.engine.sampling_params import SamplingParams
 from swiftkv.engine.scheduler import Scheduler
-from swiftkv.engine.sequence import Sequence
+from swiftkv.engine.sequence import Sequence, Status
 
 Prompt = Union[str, list[int]]
 # Prompt tokens per step by default: on a CPU a 1024-token chunk already runs the matrix units at full speed
@@ -35,6 +35,14 @@ class TokenEvent:
     token_id: int
     text_delta: str
     finished: bool
+
+
+@dataclass
+class StepStats:
+    """What the last step ran: decode rows of running requests and prompt tokens (prefill chunks)."""
+
+    decode_rows: int = 0
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -72,6 +80,7 @@ class LLMEngine:
         self.vocab_size = model.get_input_embeddings().num_embeddings
         eos_token_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.config, "eos_token_id", None)))
         self.scheduler = Scheduler(config, self.blocks, eos_token_ids - {None})
+        self.last_step = StepStats()
 
     @classmethod
     def from_pretrained(cls, model: str, config: Optional[EngineConfig] = None) -> "LLMEngine":
@@ -127,10 +136,13 @@ class LLMEngine:
         others in its batch run again without it, so no single request can stop the engine.
         """
         chunks = self.scheduler.schedule().chunks
+        self.last_step = StepStats()
         if not chunks:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: the KV cache is too small for any waiting request")
             return []
+        decode_rows = sum(chunk.sequence.status is Status.RUNNING for chunk in chunks)
+        self.last_step = StepStats(decode_rows, sum(map(len, chunks)) - decode_rows)
         done, failed = _each_alone_on_failure(chunks, self.runner.run)
         logits = []
         for chunk, row in done:

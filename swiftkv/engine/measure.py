@@ -33,6 +33,7 @@ def serve_engine(engine: LLMEngine, prompts: list[list[int]], arrivals: list[flo
     """Replay `prompts` arriving at `arrivals` into the engine in-process; serving metrics of the run."""
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
     sequences, pending, start = [], list(zip(arrivals, prompts)), time.perf_counter()
+    steps = {kind: {"count": 0, "seconds": 0.0, "decode_rows": 0, "prompt_tokens": 0} for kind in ("prompt", "decode")}
     while pending or engine.has_unfinished():
         now = time.perf_counter() - start
         while pending and pending[0][0] <= now:
@@ -41,10 +42,19 @@ def serve_engine(engine: LLMEngine, prompts: list[list[int]], arrivals: list[flo
             sequence.arrival_time = start + arrival
             sequences.append(sequence)
         if engine.has_unfinished():
+            began = time.perf_counter()
             engine.step()
+            ran = engine.last_step
+            totals = steps["prompt" if ran.prompt_tokens else "decode"]
+            totals["count"] += 1
+            totals["seconds"] += time.perf_counter() - began
+            totals["decode_rows"] += ran.decode_rows
+            totals["prompt_tokens"] += ran.prompt_tokens
         elif pending:
             time.sleep(min(0.01, pending[0][0] - now))
-    return serving_metrics(sequences, time.perf_counter() - start, output_len)
+    metrics = serving_metrics(sequences, time.perf_counter() - start, output_len)
+    metrics["steps"] = steps  # where the time went: steps with prompt chunks (and decode rows), decode-only steps
+    return metrics
 
 
 def serving_metrics(sequences, duration: float, output_len: int) -> dict:

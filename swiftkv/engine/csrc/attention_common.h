@@ -4,6 +4,8 @@
 
 #include <torch/extension.h>
 
+#include <cstdint>
+
 namespace swiftkv_common {
 
 // query [rows, heads, head_dim] against one cache entry's k_cache/v_cache [kv_heads, slots, head_dim]
@@ -18,6 +20,21 @@ inline void check_query_and_caches(const torch::Tensor& query, const torch::Tens
   TORCH_CHECK(query.size(2) == k_cache.size(2), "query and caches must share head_dim");
   TORCH_CHECK(query.size(1) % k_cache.size(0) == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(block_size > 0, "block_size must be positive");
+}
+
+// A tiled cache (bf16_tiles.h) is read only by the AVX512-BF16 paths, which need bf16, head_dim % 32 == 0,
+// whole tiles per block, contiguous slots, and bf16 pairs of the query on 4-byte boundaries
+inline void check_tiled(bool tiled, const torch::Tensor& query, const torch::Tensor& k_cache, int64_t block_size) {
+  if (!tiled) return;
+#if defined(__AVX512BF16__)
+  const bool supported = query.scalar_type() == at::kBFloat16 && query.size(2) % 32 == 0 && block_size % 16 == 0 &&
+                         k_cache.stride(1) == k_cache.size(2) && reinterpret_cast<uintptr_t>(query.data_ptr()) % 4 == 0 &&
+                         query.stride(0) % 2 == 0 && query.stride(1) % 2 == 0;
+#else
+  const bool supported = false;
+#endif
+  TORCH_CHECK(supported, "a tiled KV cache needs bf16, head_dim % 32 == 0, block_size % 16 == 0, contiguous slots "
+              "and a CPU with AVX512-BF16");
 }
 
 }  // namespace swiftkv_common

@@ -7,7 +7,9 @@
 // keeps every thread busy: each task scores its keys for the query heads that share the KV head (so K and V
 // are read once per group, not once per query head), then the shares are merged by their log-sum-exp
 // (flash-decoding). Arithmetic is float32: AVX-512 intrinsics where the build machine has them (-march=native),
-// plain loops otherwise. docs/engine-decode.md has the design and its measurements.
+// plain loops otherwise. A bf16 cache stored as tiles (bf16_tiles.h, the engine's layout where the CPU has
+// AVX512-BF16) is read by decode_tiled, with the prompt kernel's building blocks and no per-key transposes or
+// unpacks. docs/engine-decode.md has the design and its measurements.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -24,6 +26,7 @@
 #include <vector>
 
 #include "attention_common.h"
+#include "bf16_tiles.h"
 
 namespace {
 
@@ -256,6 +259,57 @@ inline int64_t key_splits(int64_t row_heads, int64_t longest) {
   return std::max<int64_t>(1, std::min(wanted, longest / kMinShare));
 }
 
+// A task's share of its row's keys, [first, last) (shares a multiple of `align` keys), with its accumulators
+// reset: the unnormalised output [group][width], running maximum and sum [group]; tasks are (row, KV head, share)
+struct Share {
+  int64_t row, kv, first, last;
+  float *acc, *best, *total;
+};
+inline Share start_share(int64_t task, int64_t kv_heads, int64_t splits, const int32_t* counts, int64_t align,
+                         int64_t group, int64_t width, std::vector<float>& partial, std::vector<float>& best,
+                         std::vector<float>& total) {
+  const int64_t row = task / (kv_heads * splits), keys = counts[row];
+  const int64_t share = ((keys + splits - 1) / splits + align - 1) / align * align;
+  const int64_t first = task % splits * share;
+  Share s{row, task / splits % kv_heads, first, std::min(keys, first + share), &partial[task * group * width],
+          &best[task * group], &total[task * group]};
+  std::fill(s.acc, s.acc + group * width, 0.f);
+  std::fill(s.best, s.best + group, -std::numeric_limits<float>::infinity());
+  std::fill(s.total, s.total + group, 0.f);
+  return s;
+}
+
+// out[row, head] = the row's shares of keys merged by their log-sum-exp: partial [task][group][padded]
+// (unnormalised outputs), best / total [task][group] (running maximum and sum), tasks ordered (row, KV head, share)
+template <typename T>
+void merge_shares(const std::vector<float>& partial, const std::vector<float>& best, const std::vector<float>& total,
+                  int64_t splits, int64_t group, int64_t padded, torch::Tensor& out) {
+  const int64_t rows = out.size(0), heads = out.size(1), dim = out.size(2), kv_heads = heads / group;
+  T* o = out.data_ptr<T>();
+  const int64_t o_row = out.stride(0), o_head = out.stride(1);
+  at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> merged(dim);
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t row = index / heads, head = index % heads, kv = head / group, g = head % group;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t split = 0; split < splits; ++split)
+        top = std::max(top, best[((row * kv_heads + kv) * splits + split) * group + g]);
+      float sum = 0.f;
+      std::fill(merged.begin(), merged.end(), 0.f);
+      for (int64_t split = 0; split < splits; ++split) {
+        const int64_t task = (row * kv_heads + kv) * splits + split;
+        if (total[task * group + g] == 0.f) continue;  // an empty share
+        const float weight = std::exp(best[task * group + g] - top);
+        sum += weight * total[task * group + g];
+        const float* a = &partial[(task * group + g) * padded];
+        for (int64_t i = 0; i < dim; ++i) merged[i] += weight * a[i];
+      }
+      T* target = o + row * o_row + head * o_head;
+      for (int64_t i = 0; i < dim; ++i) target[i] = static_cast<T>(merged[i] / sum);
+    }
+  });
+}
+
 template <typename T>
 void decode(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
             const torch::Tensor& block_tables, const torch::Tensor& key_counts, torch::Tensor& out,
@@ -283,15 +337,9 @@ void decode(const torch::Tensor& query, const torch::Tensor& k_cache, const torc
     std::vector<float> q_f(group * padded, 0.f), scores;
     std::vector<T> q_raw(group * dim), weights;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t row = task / (kv_heads * splits), kv = task / splits % kv_heads, split = task % splits;
-      const int64_t keys = counts[row], share = (keys + splits - 1) / splits;
-      const int64_t first = split * share, last = std::min(keys, first + share);
-      float* acc = &partial[task * group * padded];
-      float* m = &best[task * group];
-      float* l = &total[task * group];
-      std::fill(acc, acc + group * padded, 0.f);
-      std::fill(m, m + group, -std::numeric_limits<float>::infinity());
-      std::fill(l, l + group, 0.f);
+      const Share share = start_share(task, kv_heads, splits, counts, 1, group, padded, partial, best, total);
+      const int64_t row = share.row, kv = share.kv, first = share.first, last = share.last;
+      float *acc = share.acc, *m = share.best, *l = share.total;
       if (first >= last) continue;
       for (int64_t g = 0; g < group; ++g) {
         const T* query_row = q + row * q_row + (kv * group + g) * q_head;
@@ -339,30 +387,71 @@ void decode(const torch::Tensor& query, const torch::Tensor& k_cache, const torc
     }
   });
 
-  T* o = out.data_ptr<T>();
-  const int64_t o_row = out.stride(0), o_head = out.stride(1);
-  at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> merged(dim);
-    for (int64_t index = begin; index < end; ++index) {
-      const int64_t row = index / heads, head = index % heads, kv = head / group, g = head % group;
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t split = 0; split < splits; ++split)
-        top = std::max(top, best[((row * kv_heads + kv) * splits + split) * group + g]);
-      float sum = 0.f;
-      std::fill(merged.begin(), merged.end(), 0.f);
-      for (int64_t split = 0; split < splits; ++split) {
-        const int64_t task = (row * kv_heads + kv) * splits + split;
-        if (total[task * group + g] == 0.f) continue;  // an empty share
-        const float weight = std::exp(best[task * group + g] - top);
-        sum += weight * total[task * group + g];
-        const float* a = &partial[(task * group + g) * padded];
-        for (int64_t i = 0; i < dim; ++i) merged[i] += weight * a[i];
+  merge_shares<T>(partial, best, total, splits, group, padded, out);
+}
+
+
+#if defined(__AVX512BF16__)
+// bf16 rows over a tiled cache (bf16_tiles.h): tasks as in decode(), each walking its share of keys (a multiple
+// of 64) a key block at a time with the prompt kernel's building blocks, the group's query heads as the rows,
+// and an online softmax; no transposes or unpacks, since the tiles are already in the order vdpbf16ps reads
+void decode_tiled(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                  const torch::Tensor& block_tables, const torch::Tensor& key_counts, torch::Tensor& out,
+                  int64_t block_size, double scale) {
+  using namespace swiftkv_tiles;
+  const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(2), pairs = dim / 2;
+  const int64_t kv_heads = k_cache.size(0), group = heads / kv_heads;
+  const int64_t width = block_tables.size(1);
+  const at::BFloat16* q = query.data_ptr<at::BFloat16>();
+  const at::BFloat16* k = k_cache.data_ptr<at::BFloat16>();
+  const at::BFloat16* v = v_cache.data_ptr<at::BFloat16>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* counts = key_counts.data_ptr<int32_t>();
+  const int64_t q_row = query.stride(0), q_head = query.stride(1);
+  const int64_t k_head = k_cache.stride(0), v_head = v_cache.stride(0);
+  const int32_t longest = *std::max_element(counts, counts + rows);
+  const int64_t splits = key_splits(rows * kv_heads, longest), tasks = rows * kv_heads * splits;
+  std::vector<float> partial(tasks * group * dim), best(tasks * group), total(tasks * group);
+  const std::vector<uint32_t> zeros(8 * dim, 0u);  // stands in for the tiles past a share's last key
+
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(group * kKeyBlock), correction(group);
+    std::vector<at::BFloat16> probabilities(group * kKeyBlock);
+    std::vector<const uint32_t*> queries(group);
+    for (int64_t task = begin; task < end; ++task) {
+      const Share share = start_share(task, kv_heads, splits, counts, kKeyBlock, group, dim, partial, best, total);
+      const int64_t row = share.row, kv = share.kv, first = share.first, last = share.last;
+      float *acc = share.acc, *m = share.best, *l = share.total;
+      if (first >= last) continue;
+      for (int64_t g = 0; g < group; ++g)
+        queries[g] = reinterpret_cast<const uint32_t*>(q + row * q_row + (kv * group + g) * q_head);
+      const int32_t* table = tables + row * width;
+      for (int64_t k0 = first; k0 < last; k0 += kKeyBlock) {
+        const uint32_t *key_tiles[4], *value_tiles[4];
+        for (int c = 0; c < 4; ++c) {
+          const int64_t key = k0 + 16 * c;
+          if (key >= last) {
+            key_tiles[c] = value_tiles[c] = zeros.data();
+            continue;
+          }
+          const int64_t slot = static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size;
+          key_tiles[c] = reinterpret_cast<const uint32_t*>(k + kv * k_head + slot * dim);
+          value_tiles[c] = reinterpret_cast<const uint32_t*>(v + kv * v_head + slot * dim);
+        }
+        for (int64_t r = 0; r < group; r += kRows)
+          score_rows<kRows>(static_cast<int>(std::min<int64_t>(kRows, group - r)), &queries[r], key_tiles, pairs,
+                            static_cast<float>(scale), &scores[r * kKeyBlock]);
+        __mmask16 visible[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
+        if (k0 + kKeyBlock > last) visible_lanes(last - k0, visible);
+        for (int64_t g = 0; g < group; ++g)
+          softmax_block(&scores[g * kKeyBlock], visible, m[g], l[g], correction[g], &probabilities[g * kKeyBlock]);
+        add_block_values(group, value_tiles, dim, probabilities.data(), correction.data(), acc);
       }
-      T* target = o + row * o_row + head * o_head;
-      for (int64_t i = 0; i < dim; ++i) target[i] = static_cast<T>(merged[i] / sum);
     }
   });
+  merge_shares<at::BFloat16>(partial, best, total, splits, group, dim, out);
 }
+#endif
 
 }  // namespace
 
@@ -370,8 +459,9 @@ void decode(const torch::Tensor& query, const torch::Tensor& k_cache, const torc
 // block_tables [rows, width] int32; key_counts [rows] int32 (each >= 1) -> [rows, heads * head_dim]
 torch::Tensor paged_decode_attention(const torch::Tensor& query, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_tables,
-                                     const torch::Tensor& key_counts, int64_t block_size, double scale) {
+                                     const torch::Tensor& key_counts, int64_t block_size, double scale, bool tiled) {
   swiftkv_common::check_query_and_caches(query, k_cache, v_cache, block_size);
+  swiftkv_common::check_tiled(tiled, query, k_cache, block_size);
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && key_counts.scalar_type() == at::kInt,
               "block_tables and key_counts must be int32");
   TORCH_CHECK(query.size(0) == block_tables.size(0) && query.size(0) == key_counts.size(0) && query.size(0) > 0,
@@ -379,6 +469,12 @@ torch::Tensor paged_decode_attention(const torch::Tensor& query, const torch::Te
   auto tables = block_tables.contiguous();
   auto counts = key_counts.contiguous();
   auto out = torch::empty({query.size(0), query.size(1), query.size(2)}, query.options());
+#if defined(__AVX512BF16__)
+  if (tiled) {
+    decode_tiled(query, k_cache, v_cache, tables, counts, out, block_size, scale);
+    return out.view({query.size(0), query.size(1) * query.size(2)});
+  }
+#endif
   switch (query.scalar_type()) {
     case at::kBFloat16: decode<at::BFloat16>(query, k_cache, v_cache, tables, counts, out, block_size, scale); break;
     case at::kFloat: decode<float>(query, k_cache, v_cache, tables, counts, out, block_size, scale); break;
@@ -394,13 +490,53 @@ void write_kv_cache(at::Tensor& cache, int64_t first, int64_t last, const at::Te
   cache.slice(0, first, last).index_copy_(2, slots, states);
 }
 
+// The same for a tiled cache (bf16_tiles.h): each token's K (values=false) or V (values=true) into its slot's
+// place in its tile
+void write_tiled_kv_cache(at::Tensor& cache, int64_t first, int64_t last, const at::Tensor& slots,
+                          const at::Tensor& states, bool values) {
+  TORCH_CHECK(cache.scalar_type() == at::kBFloat16 && states.scalar_type() == at::kBFloat16 && cache.is_contiguous(),
+              "a tiled cache is contiguous bf16, and so are the states written to it");
+  TORCH_CHECK(states.dim() == 4 && states.size(0) == last - first && states.size(1) == cache.size(1) &&
+              states.size(2) == slots.numel() && states.size(3) == cache.size(3), "states must be [entries, kv_heads, "
+              "tokens, head_dim] for entries [first, last) and one slot per token");
+  const int64_t kv_heads = cache.size(1), slot_count = cache.size(2), dim = cache.size(3), tokens = slots.numel();
+  TORCH_CHECK(slot_count % 16 == 0 && dim % 2 == 0, "a tiled cache holds whole tiles of 16 slots and pairs of dims");
+  const auto ids = slots.to(at::kLong).contiguous();
+  const int64_t* slot_ids = ids.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(slot_ids[t] >= 0 && slot_ids[t] < slot_count, "slot ", slot_ids[t], " is outside the cache");
+  at::BFloat16* base = cache.data_ptr<at::BFloat16>();
+  const at::BFloat16* source = states.data_ptr<at::BFloat16>();
+  const int64_t s0 = states.stride(0), s1 = states.stride(1), s2 = states.stride(2), s3 = states.stride(3);
+  // a decode step's few tokens are written on the calling thread: a parallel region would cost more than them
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, tokens * dim));
+  at::parallel_for(0, (last - first) * kv_heads, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t entry = index / kv_heads, head = index % kv_heads;
+      at::BFloat16* head_base = base + ((first + entry) * kv_heads + head) * slot_count * dim;
+      for (int64_t t = 0; t < tokens; ++t) {
+        const int64_t slot = slot_ids[t], j = slot % 16;
+        at::BFloat16* tile = head_base + (slot - j) * dim;
+        const at::BFloat16* x = source + entry * s0 + head * s1 + t * s2;
+        if (values) {
+          for (int64_t d = 0; d < dim; ++d) tile[2 * (j / 2 * dim + d) + j % 2] = x[d * s3];
+        } else {
+          for (int64_t d = 0; d < dim; ++d) tile[2 * (d / 2 * 16 + j) + d % 2] = x[d * s3];
+        }
+      }
+    }
+  });
+}
+
 // C++ operators: no Python on the call path, which a decode step would otherwise pay on every layer
 TORCH_LIBRARY(swiftkv_cpu, m) {
   m.def("paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor key_counts, int block_size, float scale) -> Tensor");
+        "Tensor key_counts, int block_size, float scale, bool tiled=False) -> Tensor");
   m.def("write_kv_cache(Tensor(a!) cache, int first, int last, Tensor slots, Tensor states) -> ()");
+  m.def("write_tiled_kv_cache(Tensor(a!) cache, int first, int last, Tensor slots, Tensor states, bool values) -> ()");
 }
 TORCH_LIBRARY_IMPL(swiftkv_cpu, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("write_kv_cache", &write_kv_cache);
+  m.impl("write_tiled_kv_cache", &write_tiled_kv_cache);
 }

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "attention_common.h"
+#include "bf16_tiles.h"
 
 namespace {
 
@@ -41,86 +42,36 @@ inline int64_t slot_of(const int32_t* table, int64_t position, int64_t block_siz
 }
 
 #if defined(__AVX512BF16__)
-using swiftkv_math::exp_nonpositive;
+using namespace swiftkv_tiles;
 
-constexpr int64_t kKeyBlock = 64;   // keys per step of the online softmax: 4 vectors of 16 scores
 constexpr int64_t kPositions = 16;  // query positions per task (times the GQA group: the tile's rows)
-constexpr int kRows = 6;            // tile rows held in registers at once (24 accumulators)
-
-inline uint32_t pair_at(const at::BFloat16* p) {  // two consecutive bf16 as one 32-bit word
-  uint32_t bits;
-  std::memcpy(&bits, p, sizeof(bits));
-  return bits;
-}
-
-// scores[r][0..63] = scale * q_r . key (k0 + 0..63) for R rows; keys: the key block's 4 packed tiles
-// [4][pairs][16] words; queries: each row's head_dim as `pairs` words
-template <int R>
-inline void score_block(const uint32_t* const* queries, const uint32_t* keys, int64_t pairs, float scale,
-                        float* scores) {
-  __m512 acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    __m512bh k[4];
-    for (int c = 0; c < 4; ++c) k[c] = (__m512bh)_mm512_loadu_si512(keys + (c * pairs + p) * 16);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh q = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(queries[r][p]));
-      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], k[c], q);
-    }
-  }
-  const __m512 s = _mm512_set1_ps(scale);
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(scores + r * kKeyBlock + 16 * c, _mm512_mul_ps(acc[r][c], s));
-}
-
-// out[r][d0..d0+16C) = out * correction[r] + probabilities[r] . values for R rows over one key block; values:
-// the block's 32 key pairs, each [dim] words (a dimension's two keys), probabilities: [64] bf16 per row
-template <int C, int R>
-inline void add_values(const uint32_t* values, int64_t dim, int64_t d0, const at::BFloat16* probabilities,
-                       const float* correction, float* out) {
-  __m512 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c)
-      acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(out + r * dim + d0 + 16 * c), _mm512_set1_ps(correction[r]));
-  for (int64_t jp = 0; jp < kKeyBlock / 2; ++jp) {
-    __m512bh v[C];
-    for (int c = 0; c < C; ++c) v[c] = (__m512bh)_mm512_loadu_si512(values + jp * dim + d0 + 16 * c);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh w = (__m512bh)_mm512_set1_epi32(
-          static_cast<int32_t>(pair_at(probabilities + r * kKeyBlock + 2 * jp)));
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], v[c], w);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * dim + d0 + 16 * c, acc[r][c]);
-}
-
-template <int R>
-inline void score_rows(int rows, const uint32_t* const* queries, const uint32_t* keys, int64_t pairs, float scale,
-                       float* scores) {
-  if (rows == R) return score_block<R>(queries, keys, pairs, scale, scores);
-  if constexpr (R > 1) score_rows<R - 1>(rows, queries, keys, pairs, scale, scores);
-}
-
-template <int C, int R>
-inline void value_rows(int rows, const uint32_t* values, int64_t dim, int64_t d0, const at::BFloat16* probabilities,
-                       const float* correction, float* out) {
-  if (rows == R) return add_values<C, R>(values, dim, d0, probabilities, correction, out);
-  if constexpr (R > 1) value_rows<C, R - 1>(rows, values, dim, d0, probabilities, correction, out);
-}
 
 // K of each KV head as [tile of 16 keys][pair of dimensions][16 keys] words and V as [pair of keys][dim] words,
 // keys padded with zeros to whole key blocks
 void pack(const at::BFloat16* k, const at::BFloat16* v, int64_t k_head, int64_t k_slot, int64_t v_head,
           int64_t v_slot, const int32_t* table, int64_t block_size, int64_t keys, int64_t kv_heads, int64_t dim,
-          int64_t padded_keys, uint32_t* k_packed, uint32_t* v_packed) {
+          int64_t padded_keys, bool tiled, uint32_t* k_packed, uint32_t* v_packed) {
   const int64_t pairs = dim / 2, tiles = padded_keys / 16;
   at::parallel_for(0, kv_heads * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kv = task / tiles, tile = task % tiles;
       uint32_t* kp = k_packed + (kv * tiles + tile) * pairs * 16;
       uint32_t* vp = v_packed + (kv * padded_keys / 2 + tile * 8) * dim;
+      if (tiled) {  // the cache holds the tiles already: copy them, zeros past the last key
+        const int64_t key = tile * 16, slot = key < keys ? slot_of(table, key, block_size) : -1;
+        if (slot < 0) {
+          std::fill(kp, kp + pairs * 16, 0u);
+          std::fill(vp, vp + 8 * dim, 0u);
+          continue;
+        }
+        std::memcpy(kp, k + kv * k_head + slot * k_slot, 16 * dim * sizeof(at::BFloat16));
+        std::memcpy(vp, v + kv * v_head + slot * v_slot, 16 * dim * sizeof(at::BFloat16));
+        for (int64_t j = keys - key; j < 16; ++j) {
+          for (int64_t p = 0; p < pairs; ++p) kp[p * 16 + j] = 0;
+          for (int64_t d = 0; d < dim; ++d) reinterpret_cast<at::BFloat16*>(vp + j / 2 * dim + d)[j % 2].x = 0;
+        }
+        continue;
+      }
       for (int64_t j = 0; j < 16; ++j) {
         const int64_t key = tile * 16 + j;
         if (key >= keys) {
@@ -142,14 +93,14 @@ void pack(const at::BFloat16* k, const at::BFloat16* v, int64_t k_head, int64_t 
 }
 
 void prefill_bf16(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                  const int32_t* table, int64_t keys, int64_t block_size, float scale, torch::Tensor& out) {
+                  const int32_t* table, int64_t keys, int64_t block_size, float scale, bool tiled, torch::Tensor& out) {
   const int64_t n = query.size(0), heads = query.size(1), dim = query.size(2);
   const int64_t kv_heads = k_cache.size(0), group = heads / kv_heads, pairs = dim / 2;
   const int64_t padded_keys = (keys + kKeyBlock - 1) / kKeyBlock * kKeyBlock, offset = keys - n;
   std::vector<uint32_t> k_packed(kv_heads * padded_keys * pairs), v_packed(kv_heads * padded_keys / 2 * dim);
   pack(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), k_cache.stride(0), k_cache.stride(1),
-       v_cache.stride(0), v_cache.stride(1), table, block_size, keys, kv_heads, dim, padded_keys, k_packed.data(),
-       v_packed.data());
+       v_cache.stride(0), v_cache.stride(1), table, block_size, keys, kv_heads, dim, padded_keys, tiled,
+       k_packed.data(), v_packed.data());
 
   const at::BFloat16* q = query.data_ptr<at::BFloat16>();
   at::BFloat16* o = out.data_ptr<at::BFloat16>();
@@ -180,53 +131,22 @@ void prefill_bf16(const torch::Tensor& query, const torch::Tensor& k_cache, cons
       const uint32_t* k_head_packed = k_packed.data() + kv * padded_keys * pairs;
       const uint32_t* v_head_packed = v_packed.data() + kv * padded_keys / 2 * dim;
       for (int64_t k0 = 0; k0 <= last_position; k0 += kKeyBlock) {
-        const uint32_t* key_block = k_head_packed + k0 / 16 * pairs * 16;
+        const uint32_t *key_tiles[4], *value_tiles[4];
+        for (int c = 0; c < 4; ++c) {
+          key_tiles[c] = k_head_packed + (k0 / 16 + c) * pairs * 16;
+          value_tiles[c] = v_head_packed + (k0 / 2 + 8 * c) * dim;
+        }
         for (int64_t r = 0; r < rows; r += kRows)
-          score_rows<kRows>(static_cast<int>(std::min<int64_t>(kRows, rows - r)), &queries[r], key_block, pairs,
+          score_rows<kRows>(static_cast<int>(std::min<int64_t>(kRows, rows - r)), &queries[r], key_tiles, pairs,
                             scale, &scores[r * kKeyBlock]);
         const bool masked = k0 + kKeyBlock - 1 > first_position;
         for (int64_t r = 0; r < rows; ++r) {  // online softmax
-          float* s = &scores[r * kKeyBlock];
           __mmask16 visible[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
-          if (masked) {
-            const int64_t count = std::clamp<int64_t>(row_position[r] - k0 + 1, 0, kKeyBlock);  // keys it sees
-            for (int c = 0; c < 4; ++c) {
-              const int64_t lanes = std::clamp<int64_t>(count - 16 * c, 0, 16);
-              visible[c] = static_cast<__mmask16>((1u << lanes) - 1);
-            }
-          }
-          __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-          for (int c = 0; c < 4; ++c) top = _mm512_mask_max_ps(top, visible[c], top, _mm512_loadu_ps(s + 16 * c));
-          const float block_top = _mm512_reduce_max_ps(top);
-          at::BFloat16* p = &probabilities[r * kKeyBlock];
-          if (block_top == -std::numeric_limits<float>::infinity()) {  // the row sees none of these keys
-            correction[r] = 1.f;
-            std::fill(p, p + kKeyBlock, at::BFloat16(0.f));
-            continue;
-          }
-          const float updated = std::max(best[r], block_top);
-          correction[r] = best[r] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(best[r] - updated);
-          best[r] = updated;
-          __m512 sum = _mm512_setzero_ps();
-          for (int c = 0; c < 4; ++c) {
-            const __m512 e = _mm512_maskz_mov_ps(
-                visible[c], exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * c), _mm512_set1_ps(updated))));
-            sum = _mm512_add_ps(sum, e);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16 * c), (__m256i)_mm512_cvtneps_pbh(e));
-          }
-          total[r] = total[r] * correction[r] + _mm512_reduce_add_ps(sum);
+          if (masked) visible_lanes(row_position[r] - k0 + 1, visible);  // the keys up to its position
+          softmax_block(&scores[r * kKeyBlock], visible, best[r], total[r], correction[r],
+                        &probabilities[r * kKeyBlock]);
         }
-        const uint32_t* value_block = v_head_packed + k0 / 2 * dim;
-        for (int64_t r = 0; r < rows; r += kRows) {
-          const int count = static_cast<int>(std::min<int64_t>(kRows, rows - r));
-          int64_t d0 = 0;
-          for (; d0 + 64 <= dim; d0 += 64)
-            value_rows<4, kRows>(count, value_block, dim, d0, &probabilities[r * kKeyBlock], &correction[r],
-                                 &acc[r * dim]);
-          if (d0 < dim)  // dim % 64 == 32
-            value_rows<2, kRows>(count, value_block, dim, d0, &probabilities[r * kKeyBlock], &correction[r],
-                                 &acc[r * dim]);
-        }
+        add_block_values(rows, value_tiles, dim, probabilities.data(), correction.data(), acc.data());
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = first + r / group, head = kv * group + r % group;
@@ -291,7 +211,8 @@ bool is_fast(at::ScalarType dtype, int64_t head_dim) {
 // query [n, heads, head_dim] at positions [keys - n, keys); k_cache/v_cache [kv_heads, slots, head_dim] (one
 // cache entry); block_table [>= keys / block_size] int32 -> [n, heads * head_dim], causal
 torch::Tensor prefill_attention(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                                const torch::Tensor& block_table, int64_t keys, int64_t block_size, double scale) {
+                                const torch::Tensor& block_table, int64_t keys, int64_t block_size, double scale,
+                                bool tiled) {
   swiftkv_common::check_query_and_caches(query, k_cache, v_cache, block_size);
   TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 1, "block_table must be 1-d int32");
   TORCH_CHECK(query.size(0) >= 1 && keys >= query.size(0), "need 1 <= queries <= keys");
@@ -303,10 +224,11 @@ torch::Tensor prefill_attention(const torch::Tensor& query, const torch::Tensor&
     TORCH_CHECK(blocks[b] >= 0 && (blocks[b] + 1) * block_size <= slots, "block ", blocks[b], " is outside the cache");
   auto out = torch::empty({query.size(0), query.size(1), query.size(2)}, query.options());
   const float s = static_cast<float>(scale);
+  swiftkv_common::check_tiled(tiled, query, k_cache, block_size);
 #if defined(__AVX512BF16__)
   if (is_fast(query.scalar_type(), query.size(2)) && reinterpret_cast<uintptr_t>(query.data_ptr()) % 4 == 0 &&
       query.stride(0) % 2 == 0 && query.stride(1) % 2 == 0) {
-    prefill_bf16(query, k_cache, v_cache, blocks, keys, block_size, s, out);
+    prefill_bf16(query, k_cache, v_cache, blocks, keys, block_size, s, tiled, out);
     return out.view({query.size(0), query.size(1) * query.size(2)});
   }
 #endif
@@ -323,7 +245,7 @@ bool prefill_attention_is_fast(at::ScalarType dtype, int64_t head_dim) { return 
 
 TORCH_LIBRARY_FRAGMENT(swiftkv_cpu, m) {
   m.def("prefill_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_table, int keys, "
-        "int block_size, float scale) -> Tensor");
+        "int block_size, float scale, bool tiled=False) -> Tensor");
   m.def("prefill_attention_is_fast(ScalarType dtype, int head_dim) -> bool", &prefill_attention_is_fast);
 }
 TORCH_LIBRARY_IMPL(swiftkv_cpu, CPU, m) { m.impl("prefill_attention", &prefill_attention); }
