@@ -59,9 +59,10 @@ def _evaluate_and_report(model: str, out_dir: Path, final: Path, trainer_state, 
     evaluation = ""
     if eval_limit != 0:
         print(f"[3/4] side-by-side evaluation ({', '.join(EVAL_TASKS)}, limit {eval_limit})")
-        from swiftkv.eval import evaluate
+        from swiftkv.eval import baseline_for, evaluate
 
-        evaluate(str(final), EVAL_TASKS, limit=eval_limit, out_dir=out_dir / "eval")
+        evaluate(str(final), EVAL_TASKS, baseline_for(model, config.trainable), limit=eval_limit,
+                 out_dir=out_dir / "eval")
         evaluation = (out_dir / "eval" / "eval.md").read_text()
     print("[4/4] report")
     report["wall_seconds"] = time.perf_counter() - started

@@ -98,7 +98,7 @@ def pick(frontier: list[dict], max_quality_drop: float) -> Optional[dict]:
 def run_search(model: str, out_dir: str | Path, config: SearchConfig,
                distill_config: Optional[DistillConfig] = None) -> dict:
     """Every point's stages (each reused when complete), the speed pass, the frontier and the pick."""
-    from swiftkv.eval import evaluate
+    from swiftkv.eval import baseline_for, evaluate
     from swiftkv.eval.tasks import resolve_task
     from swiftkv.loading import load_config
 
@@ -108,6 +108,7 @@ def run_search(model: str, out_dir: str | Path, config: SearchConfig,
     out_dir.mkdir(parents=True, exist_ok=True)
     num_layers = load_config(model).num_hidden_layers
     points = search_points(config, num_layers)
+    baseline = baseline_for(model, (distill_config or DistillConfig()).trainable)
     if state.is_main_process:
         (out_dir / "search_config.json").write_text(json.dumps({"model": model, **asdict(config)}, indent=2))
     for point in tqdm(points, desc="search points", unit="point", disable=not state.is_main_process):
@@ -117,7 +118,8 @@ def run_search(model: str, out_dir: str | Path, config: SearchConfig,
             run_build(model, point_dir, point.depth, point.group_size, distill_config, resume=True, eval_limit=0)
         if state.is_main_process and not (point_dir / "quality" / "eval.json").is_file():
             print(f"== {point.name}: quality ({', '.join(config.tasks)})")
-            evaluate(str(point_dir / "model"), config.tasks, limit=config.eval_limit, out_dir=point_dir / "quality")
+            evaluate(str(point_dir / "model"), config.tasks, baseline, limit=config.eval_limit,
+                     out_dir=point_dir / "quality")
         state.wait_for_everyone()  # every process sees the same finished stages at the next point
     if not state.is_main_process:
         state.wait_for_everyone()

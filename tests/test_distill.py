@@ -62,6 +62,39 @@ def test_trainable_set_is_exactly_the_swiftkv_parameters():
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
 
 
+def test_upper_layers_option_also_trains_what_swiftkv_layers_run_but_not_their_unused_projections():
+    model = student()
+    names = set(freeze_all_but_swiftkv(model, "upper_layers"))
+    upper = {f"model.layers.{i}.{part}.weight" for i in (3, 4, 5) for part in (
+        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+        "post_attention_layernorm")}
+    assert upper <= names and set(freeze_all_but_swiftkv(student())) <= names
+    assert not any(name.startswith("model.layers.2.") or ".self_attn.k_proj." in name for name in names)
+
+
+def test_a_training_set_that_cannot_run_is_refused_by_name():
+    with pytest.raises(ValueError, match="trainable must be one of"):
+        DistillConfig(trainable="everything")
+    with pytest.raises(ValueError, match="hidden_loss_weight needs trainable='swiftkv'"):
+        DistillConfig(trainable="upper_layers", hidden_loss_weight=1.0)
+
+
+def test_training_upper_layers_keeps_the_teacher_the_base_model(tmp_path):
+    base = make_base_model("llama", **SHARP)
+    data = blocks(40)
+    with torch.no_grad():
+        teacher_before = base(data[:4]).logits
+    model = student()
+    trainer = DistillTrainer(model, data[8:], data[:8], quick_config(trainable="upper_layers", max_steps=4,
+                                                                     eval_every=4, save_every=4,
+                                                                     frozen_cache_gb=0), tmp_path)
+    trainer.train()
+    assert not torch.equal(model.model.layers[4].mlp.down_proj.weight, base.model.layers[4].mlp.down_proj.weight)
+    with torch.no_grad():
+        output = trainer.model(data[:4])
+    torch.testing.assert_close(output.teacher_logits, teacher_before)
+
+
 def test_shared_layers_give_the_teacher_a_separate_base_model_gives():
     base = make_base_model("llama", **SHARP)
     model = convert_to_swiftkv(base, num_key_value_layers=3)

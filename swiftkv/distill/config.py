@@ -8,6 +8,10 @@ from pathlib import Path
 
 from swiftkv.distill.least_squares import WEIGHTINGS
 
+# What distillation trains: the SwiftKV projections (the paper's knowledge-preserving default, the base model stays
+# inside the checkpoint), or also every weight layers >= l use in SwiftKV mode (attention output, MLP, norms)
+TRAINABLE = ("swiftkv", "upper_layers")
+
 
 @dataclass
 class DistillConfig:
@@ -37,13 +41,15 @@ class DistillConfig:
     mixed_precision: str = "auto"        # "auto" (bf16 where supported), "bf16", "fp16", "no"
     frozen_cache_gb: float = 8.0         # layer l-1 outputs + teacher logits of every block, computed once; 0 = off
     seed: int = 0
+    trainable: str = "swiftkv"           # "swiftkv": the SwiftKV projections; "upper_layers": also layers >= l
+    upper_layers_learning_rate: float = 1e-4  # with trainable="upper_layers": their pretrained weights' rate
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("cosine", "linear"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'linear', got {self.lr_schedule!r}")
-        positive = ("learning_rate", "logits_loss_temp", "seq_length", "micro_batch_size",
-                    "gradient_accumulation_steps", "max_steps", "eval_every", "save_every", "keep_checkpoints",
-                    "corpus_prompts", "corpus_max_new_tokens", "corpus_samples")
+        positive = ("learning_rate", "upper_layers_learning_rate", "logits_loss_temp", "seq_length",
+                    "micro_batch_size", "gradient_accumulation_steps", "max_steps", "eval_every", "save_every",
+                    "keep_checkpoints", "corpus_prompts", "corpus_max_new_tokens", "corpus_samples")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -57,6 +63,11 @@ class DistillConfig:
         if self.least_squares_weighting not in WEIGHTINGS:
             raise ValueError(f"least_squares_weighting must be one of {WEIGHTINGS}, "
                              f"got {self.least_squares_weighting!r}")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if self.trainable == "upper_layers" and self.hidden_loss_weight > 0:
+            raise ValueError("hidden_loss_weight needs trainable='swiftkv': the hidden-state MSE compares layers "
+                             "that trainable='upper_layers' changes")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise ValueError(f"mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
 

@@ -1,5 +1,6 @@
 """Distillation loop: teacher = the checkpoint with `swiftkv=False` (or a separate base model), student =
-the same weights with `swiftkv=True`; only `norm_swiftkv` and `*_proj_swiftkv` train.
+the same weights with `swiftkv=True`; only `norm_swiftkv` and `*_proj_swiftkv` train (with
+`trainable="upper_layers"`, the weights layers >= l run in SwiftKV mode too, against a frozen copy of them).
 
 Runs unchanged under `accelerate launch` (DDP, FSDP, DeepSpeed): the teacher+student forward is one
 `nn.Module`, so the wrappers see every trainable parameter used in `forward`. Checkpoints (safetensors +
@@ -10,6 +11,7 @@ RNG state.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -32,17 +34,25 @@ from swiftkv.eval.fidelity import token_kl_and_agreement
 CHECKPOINTS = "checkpoints"
 
 
-def freeze_all_but_swiftkv(model: nn.Module) -> list[str]:
-    """Make exactly the SwiftKV parameters trainable; return their names."""
-    trainable = []
+def freeze_all_but_swiftkv(model: nn.Module, trainable: str = "swiftkv") -> list[str]:
+    """Make exactly the SwiftKV parameters trainable (with "upper_layers", also the weights layers >= l use in
+    SwiftKV mode: attention output, MLP, norms); return their names."""
+    upper = _upper_layer_prefixes(model) if trainable == "upper_layers" else ()
+    names = []
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_("swiftkv" in name)
+        in_upper = name.startswith(upper) and not any(f".self_attn.{p}_proj." in name for p in "qkv")
+        parameter.requires_grad_("swiftkv" in name or in_upper)
         if parameter.requires_grad:
-            trainable.append(name)
-    if not trainable:
+            names.append(name)
+    if not any("swiftkv" in name for name in names):
         raise ValueError("the model has no SwiftKV parameters to train: convert it with num_key_value_layers < "
                          "num_hidden_layers first")
-    return trainable
+    return names
+
+
+def _upper_layer_prefixes(model: nn.Module) -> tuple[str, ...]:
+    config = model.config
+    return tuple(f"model.layers.{i}." for i in range(config.num_key_value_layers, config.num_hidden_layers))
 
 
 class _CaptureOutput:
@@ -74,13 +84,19 @@ class DistillationModel(nn.Module):
 
     With no separate teacher, layers `0..l-1` are shared by teacher and student and computed once,
     without gradients; the teacher then runs layers `l..L-1` as the base model and the student runs
-    them in SwiftKV mode.
+    them in SwiftKV mode. With `frozen_upper_layers` (distillation that trains layers >= l), the teacher runs
+    a copy of those layers taken before training, so it stays the base model.
     """
 
-    def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None, hidden_loss_layer: Optional[int] = None):
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None, hidden_loss_layer: Optional[int] = None,
+                 frozen_upper_layers: bool = False):
         super().__init__()
         self.student = student
         self.teacher = [teacher] if teacher is not None else []  # a list: not a submodule, never trained
+        self.teacher_upper_layers = []  # likewise a list
+        if frozen_upper_layers and teacher is None:
+            layers = student.model.layers[student.config.num_key_value_layers:]
+            self.teacher_upper_layers = [copy.deepcopy(layers).requires_grad_(False)]
         config = student.config
         self.hidden_layer_index = None
         if hidden_loss_layer is not None:
@@ -105,8 +121,12 @@ class DistillationModel(nn.Module):
         embeds = decoder.embed_tokens(input_ids)
         inputs = decoder.prepare_layer_inputs(embeds, use_cache=False)
         shared = decoder.run_layers(embeds, range(config.num_key_value_layers), inputs)
-        teacher_hidden = decoder.run_layers(shared, range(config.num_key_value_layers, config.num_hidden_layers),
-                                            inputs)
+        upper = range(config.num_key_value_layers, config.num_hidden_layers)
+        if self.teacher_upper_layers:
+            layers = self.teacher_upper_layers[0].to(shared.device)  # in place; a no-op once there
+            teacher_hidden = decoder.run_layers(shared, upper, inputs, layers=layers)
+        else:
+            teacher_hidden = decoder.run_layers(shared, upper, inputs)
         return shared, self.student.lm_head(decoder.norm(teacher_hidden))
 
     def forward(self, input_ids: torch.Tensor, shared: Optional[torch.Tensor] = None,
@@ -172,13 +192,17 @@ class DistillTrainer:
         self.accelerator = Accelerator(mixed_precision=_mixed_precision(config.mixed_precision),
                                        gradient_accumulation_steps=config.gradient_accumulation_steps)
         torch.manual_seed(config.seed)
-        self.trainable_names = freeze_all_but_swiftkv(model)
+        self.trainable_names = freeze_all_but_swiftkv(model, config.trainable)
         if teacher is not None:
             teacher.requires_grad_(False).eval().to(self.accelerator.device)
         hidden_layer = config.hidden_loss_layer if config.hidden_loss_weight > 0 else None
-        distill_model = DistillationModel(model, teacher, hidden_layer)
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        distill_model = DistillationModel(model, teacher, hidden_layer, config.trainable == "upper_layers")
+        trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        groups = [{"params": [p for name, p in trained.items() if "swiftkv" in name], "lr": config.learning_rate}]
+        if config.trainable == "upper_layers":  # pretrained weights: a gentler rate than the new projections'
+            groups.append({"params": [p for name, p in trained.items() if "swiftkv" not in name],
+                           "lr": config.upper_layers_learning_rate})
+        optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
         make_schedule = (get_cosine_schedule_with_warmup if config.lr_schedule == "cosine"
                          else get_linear_schedule_with_warmup)
         self.scheduler = make_schedule(optimizer, math.ceil(config.warmup_ratio * config.max_steps), config.max_steps)

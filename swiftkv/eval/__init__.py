@@ -9,6 +9,12 @@ SAME_CHECKPOINT = "swiftkv-off"
 DEFAULT_TASKS = ["hellaswag", "arc_easy", "arc_challenge", "lambada", "wikitext2", "vicuna_bench"]
 
 
+def baseline_for(base_model: str, trainable: str) -> str:
+    """What a build compares its result with: the same checkpoint with SwiftKV off, unless distillation trained
+    layers >= l too (then only the base model itself is the base)."""
+    return base_model if trainable == "upper_layers" else SAME_CHECKPOINT
+
+
 def evaluate(model: str, tasks: list[str], baseline: Optional[str] = SAME_CHECKPOINT, limit: Optional[int] = None,
              batch_size: int = 16, dtype: str = "bfloat16", max_new_tokens: int = 64,
              out_dir: Optional[str | Path] = None, device: str = "auto"):
@@ -27,6 +33,9 @@ def evaluate(model: str, tasks: list[str], baseline: Optional[str] = SAME_CHECKP
     if baseline == SAME_CHECKPOINT:
         if not is_swiftkv:
             raise ValueError(f"--baseline {SAME_CHECKPOINT} needs a SwiftKV checkpoint; {model} is a base model")
+        if not getattr(loaded.config, "swiftkv_base_preserved", True):
+            raise ValueError(f"{model} was distilled with trainable=upper_layers, so with SwiftKV off it is not its "
+                             f"base model any more; pass the base model as --baseline")
         reference = Candidate("base", loaded, False)
     elif baseline:
         reference = Candidate("base", load_model(baseline, dtype=dtype, device=device), None)

@@ -183,10 +183,12 @@ class SwiftKVModelMixin:
                            past_key_values, cache_position, use_cache, kwargs)
 
     def run_layers(self, hidden_states: torch.Tensor, layer_indices: range, inputs: "LayerInputs",
-                   key_values: Optional[dict[int, KeyValue]] = None) -> torch.Tensor:
-        """Run `layer_indices` in order; with `key_values` (SwiftKV) each attends to its group's K/V."""
-        for layer_idx in layer_indices:
-            layer = self.layers[layer_idx]
+                   key_values: Optional[dict[int, KeyValue]] = None,
+                   layers: Optional[nn.ModuleList] = None) -> torch.Tensor:
+        """Run `layer_indices` in order; with `key_values` (SwiftKV) each attends to its group's K/V. `layers`
+        (e.g. frozen copies) stand in for `self.layers[layer_indices]`, one per index."""
+        for position, layer_idx in enumerate(layer_indices):
+            layer = self.layers[layer_idx] if layers is None else layers[position]
             if key_values is not None:
                 inputs.extra["swiftkv_key_value"] = key_values[self.config.kv_cache_index(layer_idx)]
             hidden_states = layer(
