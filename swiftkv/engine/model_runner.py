@@ -207,8 +207,8 @@ class ModelRunner:
         if self.paged_kernel is paged_attention_cpu.paged_decode_attention and \
                 paged_attention_cpu.prefill_attention_is_fast(self.dtype, self.head_dim):
             self.prompt_kernel = paged_attention_cpu.prefill_attention
-        # where both kernels have their vectorised paths, K/V are stored as the tiles they compute on (csrc/
-        # bf16_tiles.h): decode attention then needs no transposes (about 2.4x faster, benchmarks/decode_attention.py)
+        # where both kernels have their vectorised paths, K/V are stored as the tiles they compute on
+        # (csrc/bf16_tiles.h): decode attention then needs no transposes (benchmarks/decode_attention.py)
         self.tiled_cache = self.prompt_kernel is not None and \
             paged_attention_cpu.tiled_cache_is_supported(self.dtype, self.head_dim, block_size)
         if self.tiled_cache:

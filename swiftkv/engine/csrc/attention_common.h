@@ -28,8 +28,9 @@ inline void check_tiled(bool tiled, const torch::Tensor& query, const torch::Ten
   if (!tiled) return;
 #if defined(__AVX512BF16__)
   const bool supported = query.scalar_type() == at::kBFloat16 && query.size(2) % 32 == 0 && block_size % 16 == 0 &&
-                         k_cache.stride(1) == k_cache.size(2) && reinterpret_cast<uintptr_t>(query.data_ptr()) % 4 == 0 &&
-                         query.stride(0) % 2 == 0 && query.stride(1) % 2 == 0;
+                         k_cache.stride(1) == k_cache.size(2) &&
+                         reinterpret_cast<uintptr_t>(query.data_ptr()) % 4 == 0 && query.stride(0) % 2 == 0 &&
+                         query.stride(1) % 2 == 0;
 #else
   const bool supported = false;
 #endif
