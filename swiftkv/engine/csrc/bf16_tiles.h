@@ -134,6 +134,23 @@ inline void softmax_block(const float* s, const __mmask16* visible, float& best,
   total = total * correction + _mm512_reduce_add_ps(sum);
 }
 
+// The K and V tiles of the 64-key block at k0 in a tiled cache (k, v: one KV head's slots), found through the
+// sequence's block table; tiles at or past `keys` are `zeros` (8 * head_dim words)
+inline void cache_tiles(const at::BFloat16* k, const at::BFloat16* v, const int32_t* table, int64_t block_size,
+                        int64_t dim, int64_t k0, int64_t keys, const uint32_t* zeros, const uint32_t** key_tiles,
+                        const uint32_t** value_tiles) {
+  for (int c = 0; c < 4; ++c) {
+    const int64_t key = k0 + kTile * c;
+    if (key >= keys) {
+      key_tiles[c] = value_tiles[c] = zeros;
+      continue;
+    }
+    const int64_t slot = static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size;
+    key_tiles[c] = reinterpret_cast<const uint32_t*>(k + slot * dim);
+    value_tiles[c] = reinterpret_cast<const uint32_t*>(v + slot * dim);
+  }
+}
+
 // visible[c]: which of tile c's keys a row sees when it sees `count` keys of the block (0..64)
 inline void visible_lanes(int64_t count, __mmask16* visible) {
   for (int c = 0; c < 4; ++c) {

@@ -428,16 +428,8 @@ void decode_tiled(const torch::Tensor& query, const torch::Tensor& k_cache, cons
       const int32_t* table = tables + row * width;
       for (int64_t k0 = first; k0 < last; k0 += kKeyBlock) {
         const uint32_t *key_tiles[4], *value_tiles[4];
-        for (int c = 0; c < 4; ++c) {
-          const int64_t key = k0 + 16 * c;
-          if (key >= last) {
-            key_tiles[c] = value_tiles[c] = zeros.data();
-            continue;
-          }
-          const int64_t slot = static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size;
-          key_tiles[c] = reinterpret_cast<const uint32_t*>(k + kv * k_head + slot * dim);
-          value_tiles[c] = reinterpret_cast<const uint32_t*>(v + kv * v_head + slot * dim);
-        }
+        cache_tiles(k + kv * k_head, v + kv * v_head, table, block_size, dim, k0, last, zeros.data(), key_tiles,
+                    value_tiles);
         for (int64_t r = 0; r < group; r += kRows)
           score_rows<kRows>(static_cast<int>(std::min<int64_t>(kRows, group - r)), &queries[r], key_tiles, pairs,
                             static_cast<float>(scale), &scores[r * kKeyBlock]);

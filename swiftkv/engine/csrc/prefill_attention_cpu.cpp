@@ -5,8 +5,8 @@
 // found through the sequence's block table; the cache is head-major, [kv_heads, slots, head_dim]. This is a
 // flash-attention forward shaped for AVX512-BF16 and grouped-query attention:
 //   * K and V of each KV head are first packed once into the layouts `vdpbf16ps` reads by pairs (K: 16 keys x a
-//     pair of dimensions per vector; V: 16 dimensions x a pair of keys), so the products run on the stored
-//     bf16 with float32 sums and no conversion;
+//     pair of dimensions per vector; V: 16 dimensions x a pair of keys; bf16_tiles.h), so the products run on
+//     the stored bf16 with float32 sums and no conversion; a tiled cache holds them so already and is read in place;
 //   * a task is (KV head, block of 16 query positions): the query heads that share the KV head are rows of one
 //     tile (48 rows for 9 query heads over 3 KV heads), so each packed key block is read once per tile, and the
 //     tile walks the key blocks its last position can see, 64 keys at a time, with an online softmax (running
@@ -50,28 +50,13 @@ constexpr int64_t kPositions = 16;  // query positions per task (times the GQA g
 // keys padded with zeros to whole key blocks
 void pack(const at::BFloat16* k, const at::BFloat16* v, int64_t k_head, int64_t k_slot, int64_t v_head,
           int64_t v_slot, const int32_t* table, int64_t block_size, int64_t keys, int64_t kv_heads, int64_t dim,
-          int64_t padded_keys, bool tiled, uint32_t* k_packed, uint32_t* v_packed) {
+          int64_t padded_keys, uint32_t* k_packed, uint32_t* v_packed) {
   const int64_t pairs = dim / 2, tiles = padded_keys / 16;
   at::parallel_for(0, kv_heads * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kv = task / tiles, tile = task % tiles;
       uint32_t* kp = k_packed + (kv * tiles + tile) * pairs * 16;
       uint32_t* vp = v_packed + (kv * padded_keys / 2 + tile * 8) * dim;
-      if (tiled) {  // the cache holds the tiles already: copy them, zeros past the last key
-        const int64_t key = tile * 16, slot = key < keys ? slot_of(table, key, block_size) : -1;
-        if (slot < 0) {
-          std::fill(kp, kp + pairs * 16, 0u);
-          std::fill(vp, vp + 8 * dim, 0u);
-          continue;
-        }
-        std::memcpy(kp, k + kv * k_head + slot * k_slot, 16 * dim * sizeof(at::BFloat16));
-        std::memcpy(vp, v + kv * v_head + slot * v_slot, 16 * dim * sizeof(at::BFloat16));
-        for (int64_t j = keys - key; j < 16; ++j) {
-          for (int64_t p = 0; p < pairs; ++p) kp[p * 16 + j] = 0;
-          for (int64_t d = 0; d < dim; ++d) reinterpret_cast<at::BFloat16*>(vp + j / 2 * dim + d)[j % 2].x = 0;
-        }
-        continue;
-      }
       for (int64_t j = 0; j < 16; ++j) {
         const int64_t key = tile * 16 + j;
         if (key >= keys) {
@@ -97,10 +82,17 @@ void prefill_bf16(const torch::Tensor& query, const torch::Tensor& k_cache, cons
   const int64_t n = query.size(0), heads = query.size(1), dim = query.size(2);
   const int64_t kv_heads = k_cache.size(0), group = heads / kv_heads, pairs = dim / 2;
   const int64_t padded_keys = (keys + kKeyBlock - 1) / kKeyBlock * kKeyBlock, offset = keys - n;
-  std::vector<uint32_t> k_packed(kv_heads * padded_keys * pairs), v_packed(kv_heads * padded_keys / 2 * dim);
-  pack(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), k_cache.stride(0), k_cache.stride(1),
-       v_cache.stride(0), v_cache.stride(1), table, block_size, keys, kv_heads, dim, padded_keys, tiled,
-       k_packed.data(), v_packed.data());
+  // a slot-ordered cache is packed into tiles once per call; a tiled one is read in place
+  const at::BFloat16* k = k_cache.data_ptr<at::BFloat16>();
+  const at::BFloat16* v = v_cache.data_ptr<at::BFloat16>();
+  std::vector<uint32_t> k_packed, v_packed;
+  const std::vector<uint32_t> zeros(8 * dim, 0u);
+  if (!tiled) {
+    k_packed.resize(kv_heads * padded_keys * pairs);
+    v_packed.resize(kv_heads * padded_keys / 2 * dim);
+    pack(k, v, k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), table, block_size, keys,
+         kv_heads, dim, padded_keys, k_packed.data(), v_packed.data());
+  }
 
   const at::BFloat16* q = query.data_ptr<at::BFloat16>();
   at::BFloat16* o = out.data_ptr<at::BFloat16>();
@@ -128,13 +120,18 @@ void prefill_bf16(const torch::Tensor& query, const torch::Tensor& k_cache, cons
       std::fill(best.begin(), best.begin() + rows, -std::numeric_limits<float>::infinity());
       std::fill(total.begin(), total.begin() + rows, 0.f);
       const int64_t first_position = offset + first, last_position = offset + last - 1;
-      const uint32_t* k_head_packed = k_packed.data() + kv * padded_keys * pairs;
-      const uint32_t* v_head_packed = v_packed.data() + kv * padded_keys / 2 * dim;
+      const uint32_t* k_head_packed = tiled ? nullptr : k_packed.data() + kv * padded_keys * pairs;
+      const uint32_t* v_head_packed = tiled ? nullptr : v_packed.data() + kv * padded_keys / 2 * dim;
       for (int64_t k0 = 0; k0 <= last_position; k0 += kKeyBlock) {
         const uint32_t *key_tiles[4], *value_tiles[4];
-        for (int c = 0; c < 4; ++c) {
-          key_tiles[c] = k_head_packed + (k0 / 16 + c) * pairs * 16;
-          value_tiles[c] = v_head_packed + (k0 / 2 + 8 * c) * dim;
+        if (tiled) {
+          cache_tiles(k + kv * k_cache.stride(0), v + kv * v_cache.stride(0), table, block_size, dim, k0, keys,
+                      zeros.data(), key_tiles, value_tiles);
+        } else {
+          for (int c = 0; c < 4; ++c) {
+            key_tiles[c] = k_head_packed + (k0 / 16 + c) * pairs * 16;
+            value_tiles[c] = v_head_packed + (k0 / 2 + 8 * c) * dim;
+          }
         }
         for (int64_t r = 0; r < rows; r += kRows)
           score_rows<kRows>(static_cast<int>(std::min<int64_t>(kRows, rows - r)), &queries[r], key_tiles, pairs,
