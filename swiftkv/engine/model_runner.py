@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from swiftkv.engine import paged_attention, paged_attention_cpu
+from swiftkv.engine import paged_attention, paged_attention_cpu, small_batch_linear
 from swiftkv.engine.block_manager import contiguous_start, slot_ids
 from swiftkv.engine.quantized import fuse_projections
 from swiftkv.engine.sequence import Chunk
@@ -163,6 +163,8 @@ class ModelRunner:
     def __init__(self, model, kv_cache_bytes: int, block_size: int, kv_cache_dtype: str = "auto"):
         check_supported(model.config)
         self.model = fuse_projections(model).eval()
+        if next(model.parameters()).device.type == "cpu":  # decode's few-row products: our kernel (bf16 only)
+            small_batch_linear.use_small_batch_linear(self.model)
         self.decoder = model.model
         config = self.config = model.config
         self.device = next(model.parameters()).device
@@ -195,6 +197,9 @@ class ModelRunner:
         self.group_leaders = config.group_leaders() if self.swiftkv else []
         if self.swiftkv:
             self.single_input_kv = self._stacked_single_input_kv()
+            fast = self.device.type == "cpu" and small_batch_linear.available() and \
+                small_batch_linear.supports(self.single_input_kv[0])
+            self.single_input_kv_linear = small_batch_linear.linear if fast else F.linear
         # decode rows through a paged kernel: Triton on a GPU, C++ on a CPU (8-bit caches are gathered instead)
         self.paged_kernel = None
         if not self.quantized and self.device.type == "cuda" and paged_attention.available():
@@ -466,7 +471,7 @@ class ModelRunner:
         """SingleInputKV + AcrossKV: K/V of every group from `norm_swiftkv(hidden)` (layer l-1's output), as one
         matmul over the groups' stacked projections, written to the groups' consecutive cache entries."""
         tokens, groups = hidden.shape[0], len(self.group_leaders)
-        projected = F.linear(self.decoder.norm_swiftkv(hidden), *self.single_input_kv)
+        projected = self.single_input_kv_linear(self.decoder.norm_swiftkv(hidden), *self.single_input_kv)
         projected = projected.view(tokens, groups, 2, self.num_kv_heads, self.head_dim)
         keys = _rope(projected[:, :, 0].reshape(tokens, groups * self.num_kv_heads, self.head_dim), *rope)
         first = self.kv_entry[self.group_leaders[0]]

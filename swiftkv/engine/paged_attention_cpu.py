@@ -19,7 +19,8 @@ It is compiled on first use with the machine's C++ compiler (the one torch.compi
 (~/.cache/torch_extensions): compiled once, then loaded. Where it cannot be built the engine logs why and
 keeps its PyTorch paths (`available()` is False). It is a C++ operator, `torch.ops.swiftkv_cpu`, so neither
 eager steps nor a torch.compile'd step (which calls it as one opaque kernel) go through Python per layer; the
-same library holds the compiled step's KV-cache write (engine/compiled.py) for the same reason.
+same library holds the compiled step's KV-cache write (engine/compiled.py) for the same reason, and the bf16
+product of a few rows that decode steps use (engine/small_batch_linear.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention_cpu.cpp", "prefill_attention_cpu.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in
+           ("paged_attention_cpu.cpp", "prefill_attention_cpu.cpp", "small_batch_linear_cpu.cpp")]
 DISABLE_VARIABLE = "SWIFTKV_CPU_ATTENTION_KERNEL"  # "0": use PyTorch's attention paths instead
 TILE = 16  # slots per tile of a tiled cache (csrc/bf16_tiles.h)
 logger = logging.getLogger(__name__)
@@ -66,12 +68,19 @@ def _build() -> bool:
     torch.library.register_fake("swiftkv_cpu::write_kv_cache")(lambda cache, first, last, slots, states: None)
     torch.library.register_fake("swiftkv_cpu::write_tiled_kv_cache")(lambda cache, first, last, slots, states, values:
                                                                      None)
+    torch.library.register_fake("swiftkv_cpu::small_batch_linear")(
+        lambda input, weight, bias: input.new_empty(input.shape[0], weight.shape[0]))
     return True
 
 
 def _output_like(query, *rest):
     """Both attention ops' output: `[rows, heads * d]` in the query's dtype."""
     return query.new_empty(query.shape[0], query.shape[1] * query.shape[2])
+
+
+def built() -> bool:
+    """Whether the library of CPU kernels is built (building it on first call), whichever of them are switched off."""
+    return _build()
 
 
 def available() -> bool:

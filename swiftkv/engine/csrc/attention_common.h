@@ -1,5 +1,5 @@
-// What the CPU attention kernels share (paged_attention_cpu.cpp, prefill_attention_cpu.cpp): argument checks
-// and vector math.
+// What the CPU kernels share (paged_attention_cpu.cpp, prefill_attention_cpu.cpp, small_batch_linear_cpu.cpp):
+// argument checks and vector math.
 #pragma once
 
 #include <torch/extension.h>
@@ -61,6 +61,22 @@ inline __m512 exp_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, k);
+}
+
+// [sum(v[0]), ..., sum(v[15])]: 16 horizontal sums at once (about 3 shuffles and adds per vector, where 16
+// separate reductions cost about 8 each)
+inline __m512 sum16(const __m512* v) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: the lane's partial sums of v[4i .. 4i+3]
+    quads[i] = _mm512_add_ps(_mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0xEE));
+  const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x44),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], 0xEE));
+  const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x44),
+                                    _mm512_shuffle_f32x4(quads[2], quads[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(low, high, 0x88), _mm512_shuffle_f32x4(low, high, 0xDD));
 }
 
 }  // namespace swiftkv_math
