@@ -39,6 +39,7 @@ from swiftkv.convert import convert_to_swiftkv
 from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams
 from swiftkv.engine.llm_engine import request_output
 from swiftkv.engine.measure import engine_ttft, poisson_arrivals, serve_engine, throughput_metrics
+from swiftkv.engine.model_runner import KV_CACHE_DTYPES
 from swiftkv.engine.quantized import WEIGHT_FORMATS
 from swiftkv.eval.data import data_file
 from swiftkv.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model_source
@@ -170,6 +171,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     parser.add_argument("--e2e", type=int, nargs=2, default=[2048, 128], metavar=("IN", "OUT"))
     parser.add_argument("--kv-cache-memory-gb", type=float, default=0.25)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                        help="the engine systems' KV cache (int8 / fp8: 8-bit codes with a scale per token and head)")
     parser.add_argument("--weights", default="auto", choices=WEIGHT_FORMATS, help="the engine systems' weights")
     parser.add_argument("--systems", nargs="+", default=["hf", "engine-base", "swiftkv-g1", "swiftkv-g2",
                                                          "llamacpp-bf16", "llamacpp-q4_1"])
@@ -217,7 +220,8 @@ def main() -> None:
         else:
             model_name, options = engine_variant(system)
             config = EngineConfig(dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
-                                  max_prefill_tokens=max(args.ttft_lengths), weights=args.weights, **options)
+                                  max_prefill_tokens=max(args.ttft_lengths), weights=args.weights,
+                                  kv_cache_dtype=args.kv_cache_dtype, **options)
             engine = LLMEngine(models[model_name], tokenizer, config)
             row["kv_cache_capacity_tokens"] = engine.capacity_tokens
             if engine.runner.compiled_decode is not None:
@@ -237,6 +241,7 @@ def main() -> None:
                 if part in args.parts:  # a fresh engine: the default prefill budget, an empty cache
                     engine = LLMEngine(models[model_name], tokenizer, EngineConfig(
                         dtype=args.dtype, weights=args.weights, kv_cache_memory_gb=args.kv_cache_memory_gb,
+                        kv_cache_dtype=args.kv_cache_dtype,
                         **options))
                     row[key] = serve_engine(engine, serve_prompts, arrival_times[part], args.output_len)
         for key in SERVING_RUNS.values():

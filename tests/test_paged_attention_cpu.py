@@ -239,3 +239,77 @@ def test_the_engine_tiles_bf16_caches_and_gets_the_logits_of_pytorch_attention(m
     assert tiled and not pytorch_tiled
     for ours, theirs in zip(tiled_logits, pytorch_logits):
         torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=2e-2)
+
+
+def int8_codes(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes of `[kv_heads, slots, d]` and their bf16 scales `[kv_heads, slots, 1]`, as the engine's int8 cache."""
+    scale = (cache.float().abs().amax(-1, keepdim=True) / 127).bfloat16()
+    return (cache.float() / scale.float()).round().clamp(-127, 127).to(torch.int8), scale
+
+
+@tiled_path
+@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [(9, 3, 64, 16), (32, 8, 128, 16), (4, 2, 96, 32)])
+def test_both_kernels_read_a_tiled_int8_cache_as_attention_over_its_dequantized_slots(heads, kv_heads, head_dim,
+                                                                                      block_size):
+    generator = torch.Generator().manual_seed(3)
+    num_blocks, scale = 200, head_dim ** -0.5
+    k_cache, v_cache = random_caches(kv_heads, num_blocks * block_size, head_dim, torch.bfloat16, generator)
+    (k_codes, k_scale), (v_codes, v_scale) = int8_codes(k_cache), int8_codes(v_cache)
+    key_counts = torch.tensor([1, 37, 64, 65, 5 * block_size, 1100], dtype=torch.int32)
+    tables = torch.stack([torch.randperm(num_blocks, generator=generator)[:-(-1100 // block_size)]
+                          for _ in key_counts]).int()
+    query = torch.randn(len(key_counts), heads, head_dim, generator=generator).bfloat16()
+    output = paged_attention_cpu.paged_decode_attention(
+        query, paged_attention_cpu.tile_cache(k_codes, values=False), paged_attention_cpu.tile_cache(v_codes, values=True),
+        tables, key_counts, block_size, scale, tiled=True, k_scale=k_scale, v_scale=v_scale)
+    k_values, v_values = k_codes * k_scale.float(), v_codes * v_scale.float()
+    expected = attention_over_gathered_keys(query.float(), k_values, v_values, tables, key_counts, block_size, scale)
+    torch.testing.assert_close(output.float(), expected, atol=1e-2, rtol=1e-2)
+    for keys, queries in [(1, 1), (37, 37), (300, 300), (1000, 45)]:  # prompts and continuing chunks
+        table = torch.randperm(num_blocks, generator=generator)[:-(-keys // block_size)].int()
+        query = torch.randn(queries, heads, head_dim, generator=generator).bfloat16()
+        output = paged_attention_cpu.prefill_attention(
+            query, paged_attention_cpu.tile_cache(k_codes, values=False),
+            paged_attention_cpu.tile_cache(v_codes, values=True), table, keys, block_size, scale, tiled=True,
+            k_scale=k_scale, v_scale=v_scale)
+        expected = causal_attention_over_gathered_keys(query, k_values, v_values, table, keys, block_size, scale)
+        torch.testing.assert_close(output.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@tiled_path
+def test_int8_codes_are_written_where_tiling_the_slot_ordered_codes_puts_them():
+    generator = torch.Generator().manual_seed(4)
+    slots = torch.randperm(40 * 16, generator=generator)[:50]
+    states = torch.randint(-127, 128, (50, 2, 3, 64), generator=generator, dtype=torch.int8).permute(1, 2, 0, 3)
+    for values in (False, True):
+        tiled, slot_ordered = torch.zeros(3, 3, 40 * 16, 64, dtype=torch.int8), torch.zeros(3, 3, 40 * 16, 64,
+                                                                                              dtype=torch.int8)
+        paged_attention_cpu.write_tiled_kv_cache(tiled, 1, 3, slots, states, values)
+        slot_ordered[1:3].index_copy_(2, slots, states)
+        assert torch.equal(tiled, paged_attention_cpu.tile_cache(slot_ordered, values))
+
+
+@tiled_path
+@pytest.mark.parametrize("swiftkv", [False, True])
+def test_the_engine_tiles_int8_caches_and_gets_the_logits_of_its_slot_ordered_int8_cache(swiftkv):
+    """An int8 cache in tiles (decode rows and prompt chunks through the kernels) computes what the slot-ordered
+    int8 cache computes through PyTorch (blocks of 8 slots cannot be tiled)."""
+    model = make_base_model("llama", hidden_size=128).bfloat16()
+    if swiftkv:
+        model = convert_to_swiftkv(model, 2, 1)
+
+    def logits(block_size):
+        engine = engine_for(model, dtype="bfloat16", block_size=block_size, kv_cache_dtype="int8")
+        whole, chunked = reserved_sequences(engine, prompts(2, seed=5))
+        engine.runner.run([Chunk(chunked, 0, 9)])
+        steps = [engine.runner.run([Chunk(whole, 0, len(whole)), Chunk(chunked, 9, len(chunked))])]
+        for token in (7, 11, 13):
+            for sequence in (whole, chunked):
+                sequence.token_ids.append(token)
+            steps.append(engine.runner.run([Chunk(s, len(s) - 1, len(s)) for s in (whole, chunked)]))
+        return [row for step in steps for row in step], engine.runner.tiled_cache
+
+    (tiled_logits, tiled), (slot_logits, slot_ordered_tiled) = logits(16), logits(8)
+    assert tiled and not slot_ordered_tiled
+    for ours, theirs in zip(tiled_logits, slot_logits):
+        torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=2e-2)

@@ -31,6 +31,7 @@ import logging
 import os
 import platform
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -91,15 +92,17 @@ def available() -> bool:
 
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, key_counts: torch.Tensor, block_size: int,
-                           scale: float, tiled: bool = False) -> torch.Tensor:
+                           scale: float, tiled: bool = False, k_scale: Optional[torch.Tensor] = None,
+                           v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One query per row over its own keys, as the GPU kernel's function of the same name.
 
     query `[rows, heads, d]`; k_cache/v_cache one entry's `[kv_heads, slots, d]` (slot = block * block_size +
     offset); block_tables `[rows, >= max blocks]` int32; key_counts `[rows]` int32 (>= 1 each) ->
-    `[rows, heads * d]` in the query's dtype; `tiled`: the caches are tiled (`tile_cache`). Call `available()`
-    first (it builds the kernel)."""
+    `[rows, heads * d]` in the query's dtype; `tiled`: the caches are tiled (`tile_cache`). An int8 cache
+    (tiled, bf16 queries) holds codes whose values are codes * k_scale / v_scale, `[kv_heads, slots, 1]` bf16.
+    Call `available()` first (it builds the kernel)."""
     return torch.ops.swiftkv_cpu.paged_decode_attention(query, k_cache, v_cache, block_tables, key_counts,
-                                                         block_size, scale, tiled)
+                                                         block_size, scale, tiled, k_scale, v_scale)
 
 
 def prefill_attention_is_fast(dtype: torch.dtype, head_dim: int) -> bool:
@@ -109,13 +112,14 @@ def prefill_attention_is_fast(dtype: torch.dtype, head_dim: int) -> bool:
 
 
 def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                      keys: int, block_size: int, scale: float, tiled: bool = False) -> torch.Tensor:
+                      keys: int, block_size: int, scale: float, tiled: bool = False,
+                      k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A prompt chunk's queries `[n, heads, d]`, at positions `[keys - n, keys)`, causal over their sequence's
     first `keys` keys, read through its block table `[>= keys / block_size]` int32 from one entry's
-    `[kv_heads, slots, d]` caches (tiled with `tiled`) -> `[n, heads * d]` in the query's dtype. Call
-    `available()` first."""
+    `[kv_heads, slots, d]` caches (tiled with `tiled`; int8 codes with `k_scale`/`v_scale`, as
+    `paged_decode_attention`) -> `[n, heads * d]` in the query's dtype. Call `available()` first."""
     return torch.ops.swiftkv_cpu.prefill_attention(query, k_cache, v_cache, block_table, keys, block_size, scale,
-                                                   tiled)
+                                                   tiled, k_scale, v_scale)
 
 
 def tiled_cache_is_supported(dtype: torch.dtype, head_dim: int, block_size: int) -> bool:
@@ -140,6 +144,6 @@ def tile_cache(cache: torch.Tensor, values: bool) -> torch.Tensor:
 
 def write_tiled_kv_cache(cache: torch.Tensor, first: int, last: int, slots: torch.Tensor, states: torch.Tensor,
                          values: bool) -> None:
-    """`states` `[entries, kv_heads, tokens, d]` (K, or V with `values`) into the tiled cache entries
-    `[first, last)` of `cache` `[entries, kv_heads, slots, d]` at `slots` `[tokens]`, in place."""
+    """`states` `[entries, kv_heads, tokens, d]` (K, or V with `values`; bf16, or int8 codes) into the tiled cache
+    entries `[first, last)` of `cache` `[entries, kv_heads, slots, d]` at `slots` `[tokens]`, in place."""
     torch.ops.swiftkv_cpu.write_tiled_kv_cache(cache, first, last, slots, states, values)

@@ -378,17 +378,22 @@ void decode(const torch::Tensor& query, const torch::Tensor& k_cache, const torc
 #if defined(__AVX512BF16__)
 // bf16 rows over a tiled cache (bf16_tiles.h): tasks as in decode(), each walking its share of keys (a multiple
 // of 64) a key block at a time with the prompt kernel's building blocks, the group's query heads as the rows,
-// and an online softmax; no transposes or unpacks, since the tiles are already in the order vdpbf16ps reads
+// and an online softmax; no transposes or unpacks, since the tiles are already in the order vdpbf16ps reads.
+// An int8 cache (Cache = int8_t) holds codes in the same tiles with a bf16 scale per slot and head
+// (k_scales/v_scales [kv_heads, slots]): each block's tiles are widened to bf16 on the stack (codes are exact in
+// bf16), the key scales multiply the scores and the value scales the probabilities.
+template <typename Cache>
 void decode_tiled(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                   const torch::Tensor& block_tables, const torch::Tensor& key_counts, torch::Tensor& out,
-                  int64_t block_size, double scale) {
+                  int64_t block_size, double scale, const at::BFloat16* k_scales, const at::BFloat16* v_scales) {
   using namespace swiftkv_tiles;
+  constexpr bool kCodes = std::is_same_v<Cache, int8_t>;
   const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(2), pairs = dim / 2;
-  const int64_t kv_heads = k_cache.size(0), group = heads / kv_heads;
+  const int64_t kv_heads = k_cache.size(0), group = heads / kv_heads, slots = k_cache.size(1);
   const int64_t width = block_tables.size(1);
   const at::BFloat16* q = query.data_ptr<at::BFloat16>();
-  const at::BFloat16* k = k_cache.data_ptr<at::BFloat16>();
-  const at::BFloat16* v = v_cache.data_ptr<at::BFloat16>();
+  const Cache* k = k_cache.data_ptr<Cache>();
+  const Cache* v = v_cache.data_ptr<Cache>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* counts = key_counts.data_ptr<int32_t>();
   const int64_t q_row = query.stride(0), q_head = query.stride(1);
@@ -402,6 +407,8 @@ void decode_tiled(const torch::Tensor& query, const torch::Tensor& k_cache, cons
     std::vector<float> scores(group * kKeyBlock), correction(group);
     std::vector<at::BFloat16> probabilities(group * kKeyBlock);
     std::vector<const uint32_t*> queries(group);
+    std::vector<uint32_t> widened(kCodes ? 2 * 4 * 8 * dim : 0);  // a block's 4 K then 4 V tiles, as bf16
+    alignas(64) float key_scale[kKeyBlock], value_scale[kKeyBlock];
     for (int64_t task = begin; task < end; ++task) {
       const Share share = start_share(task, kv_heads, splits, counts, kKeyBlock, group, dim, partial, best, total);
       const int64_t row = share.row, kv = share.kv, first = share.first, last = share.last;
@@ -412,15 +419,23 @@ void decode_tiled(const torch::Tensor& query, const torch::Tensor& k_cache, cons
       const int32_t* table = tables + row * width;
       for (int64_t k0 = first; k0 < last; k0 += kKeyBlock) {
         const uint32_t *key_tiles[4], *value_tiles[4];
-        cache_tiles(k + kv * k_head, v + kv * v_head, table, block_size, dim, k0, last, zeros.data(), key_tiles,
-                    value_tiles);
+        if constexpr (kCodes) {
+          code_tiles(k + kv * k_head, v + kv * v_head, k_scales + kv * slots, v_scales + kv * slots, table,
+                     block_size, dim, k0, last, zeros.data(), widened.data(), key_tiles, value_tiles, key_scale,
+                     value_scale);
+        } else {
+          cache_tiles(k + kv * k_head, v + kv * v_head, table, block_size, dim, k0, last, zeros.data(), key_tiles,
+                      value_tiles);
+        }
         for (int64_t r = 0; r < group; r += kRows)
           score_rows<kRows>(static_cast<int>(std::min<int64_t>(kRows, group - r)), &queries[r], key_tiles, pairs,
                             static_cast<float>(scale), &scores[r * kKeyBlock]);
+        if constexpr (kCodes) scale_scores(scores.data(), group, key_scale);
         __mmask16 visible[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
         if (k0 + kKeyBlock > last) visible_lanes(last - k0, visible);
         for (int64_t g = 0; g < group; ++g)
           softmax_block(&scores[g * kKeyBlock], visible, m[g], l[g], correction[g], &probabilities[g * kKeyBlock]);
+        if constexpr (kCodes) scale_probabilities(probabilities.data(), group, value_scale);
         add_block_values(group, value_tiles, dim, probabilities.data(), correction.data(), acc);
       }
     }
@@ -435,9 +450,13 @@ void decode_tiled(const torch::Tensor& query, const torch::Tensor& k_cache, cons
 // block_tables [rows, width] int32; key_counts [rows] int32 (each >= 1) -> [rows, heads * head_dim]
 torch::Tensor paged_decode_attention(const torch::Tensor& query, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_tables,
-                                     const torch::Tensor& key_counts, int64_t block_size, double scale, bool tiled) {
-  swiftkv_common::check_query_and_caches(query, k_cache, v_cache, block_size);
+                                     const torch::Tensor& key_counts, int64_t block_size, double scale, bool tiled,
+                                     const c10::optional<torch::Tensor>& k_scale,
+                                     const c10::optional<torch::Tensor>& v_scale) {
+  const bool codes = k_scale.has_value() && k_scale->defined();  // an int8 cache, with bf16 scales
+  swiftkv_common::check_query_and_caches(query, k_cache, v_cache, block_size, codes);
   swiftkv_common::check_tiled(tiled, query, k_cache, block_size);
+  if (codes) swiftkv_common::check_scales(tiled, k_cache, *k_scale, v_scale);
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && key_counts.scalar_type() == at::kInt,
               "block_tables and key_counts must be int32");
   TORCH_CHECK(query.size(0) == block_tables.size(0) && query.size(0) == key_counts.size(0) && query.size(0) > 0,
@@ -446,8 +465,13 @@ torch::Tensor paged_decode_attention(const torch::Tensor& query, const torch::Te
   auto counts = key_counts.contiguous();
   auto out = torch::empty({query.size(0), query.size(1), query.size(2)}, query.options());
 #if defined(__AVX512BF16__)
+  if (codes) {
+    decode_tiled<int8_t>(query, k_cache, v_cache, tables, counts, out, block_size, scale,
+                         k_scale->data_ptr<at::BFloat16>(), v_scale->data_ptr<at::BFloat16>());
+    return out.view({query.size(0), query.size(1) * query.size(2)});
+  }
   if (tiled) {
-    decode_tiled(query, k_cache, v_cache, tables, counts, out, block_size, scale);
+    decode_tiled<at::BFloat16>(query, k_cache, v_cache, tables, counts, out, block_size, scale, nullptr, nullptr);
     return out.view({query.size(0), query.size(1) * query.size(2)});
   }
 #endif
@@ -466,34 +490,25 @@ void write_kv_cache(at::Tensor& cache, int64_t first, int64_t last, const at::Te
   cache.slice(0, first, last).index_copy_(2, slots, states);
 }
 
-// The same for a tiled cache (bf16_tiles.h): each token's K (values=false) or V (values=true) into its slot's
-// place in its tile
-void write_tiled_kv_cache(at::Tensor& cache, int64_t first, int64_t last, const at::Tensor& slots,
-                          const at::Tensor& states, bool values) {
-  TORCH_CHECK(cache.scalar_type() == at::kBFloat16 && states.scalar_type() == at::kBFloat16 && cache.is_contiguous(),
-              "a tiled cache is contiguous bf16, and so are the states written to it");
-  TORCH_CHECK(states.dim() == 4 && states.size(0) == last - first && states.size(1) == cache.size(1) &&
-              states.size(2) == slots.numel() && states.size(3) == cache.size(3), "states must be [entries, kv_heads, "
-              "tokens, head_dim] for entries [first, last) and one slot per token");
-  const int64_t kv_heads = cache.size(1), slot_count = cache.size(2), dim = cache.size(3), tokens = slots.numel();
-  TORCH_CHECK(slot_count % 16 == 0 && dim % 2 == 0, "a tiled cache holds whole tiles of 16 slots and pairs of dims");
-  const auto ids = slots.to(at::kLong).contiguous();
-  const int64_t* slot_ids = ids.data_ptr<int64_t>();
-  for (int64_t t = 0; t < tokens; ++t)
-    TORCH_CHECK(slot_ids[t] >= 0 && slot_ids[t] < slot_count, "slot ", slot_ids[t], " is outside the cache");
-  at::BFloat16* base = cache.data_ptr<at::BFloat16>();
-  const at::BFloat16* source = states.data_ptr<at::BFloat16>();
+// The same for a tiled cache (bf16_tiles.h; int8 codes in the same places): each token's K (values=false) or V
+// (values=true) into its slot's place in its tile
+template <typename T>
+void write_tiles(at::Tensor& cache, int64_t first, int64_t last, const int64_t* slot_ids, int64_t tokens,
+                 const at::Tensor& states, bool values) {
+  const int64_t kv_heads = cache.size(1), slot_count = cache.size(2), dim = cache.size(3);
+  T* base = cache.data_ptr<T>();
+  const T* source = states.data_ptr<T>();
   const int64_t s0 = states.stride(0), s1 = states.stride(1), s2 = states.stride(2), s3 = states.stride(3);
   // a decode step's few tokens are written on the calling thread: a parallel region would cost more than them
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, tokens * dim));
   at::parallel_for(0, (last - first) * kv_heads, grain, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) {
       const int64_t entry = index / kv_heads, head = index % kv_heads;
-      at::BFloat16* head_base = base + ((first + entry) * kv_heads + head) * slot_count * dim;
+      T* head_base = base + ((first + entry) * kv_heads + head) * slot_count * dim;
       for (int64_t t = 0; t < tokens; ++t) {
         const int64_t slot = slot_ids[t], j = slot % 16;
-        at::BFloat16* tile = head_base + (slot - j) * dim;
-        const at::BFloat16* x = source + entry * s0 + head * s1 + t * s2;
+        T* tile = head_base + (slot - j) * dim;
+        const T* x = source + entry * s0 + head * s1 + t * s2;
         if (values) {
           for (int64_t d = 0; d < dim; ++d) tile[2 * (j / 2 * dim + d) + j % 2] = x[d * s3];
         } else {
@@ -504,10 +519,31 @@ void write_tiled_kv_cache(at::Tensor& cache, int64_t first, int64_t last, const 
   });
 }
 
+void write_tiled_kv_cache(at::Tensor& cache, int64_t first, int64_t last, const at::Tensor& slots,
+                          const at::Tensor& states, bool values) {
+  TORCH_CHECK((cache.scalar_type() == at::kBFloat16 || cache.scalar_type() == at::kChar) &&
+                  states.scalar_type() == cache.scalar_type() && cache.is_contiguous(),
+              "a tiled cache is contiguous bf16 or int8, and the states written to it share its dtype");
+  TORCH_CHECK(states.dim() == 4 && states.size(0) == last - first && states.size(1) == cache.size(1) &&
+              states.size(2) == slots.numel() && states.size(3) == cache.size(3), "states must be [entries, kv_heads, "
+              "tokens, head_dim] for entries [first, last) and one slot per token");
+  const int64_t slot_count = cache.size(2), dim = cache.size(3), tokens = slots.numel();
+  TORCH_CHECK(slot_count % 16 == 0 && dim % 2 == 0, "a tiled cache holds whole tiles of 16 slots and pairs of dims");
+  const auto ids = slots.to(at::kLong).contiguous();
+  const int64_t* slot_ids = ids.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(slot_ids[t] >= 0 && slot_ids[t] < slot_count, "slot ", slot_ids[t], " is outside the cache");
+  if (cache.scalar_type() == at::kChar)
+    write_tiles<int8_t>(cache, first, last, slot_ids, tokens, states, values);
+  else
+    write_tiles<at::BFloat16>(cache, first, last, slot_ids, tokens, states, values);
+}
+
 // C++ operators: no Python on the call path, which a decode step would otherwise pay on every layer
 TORCH_LIBRARY(swiftkv_cpu, m) {
   m.def("paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor key_counts, int block_size, float scale, bool tiled=False) -> Tensor");
+        "Tensor key_counts, int block_size, float scale, bool tiled=False, Tensor? k_scale=None, "
+        "Tensor? v_scale=None) -> Tensor");
   m.def("write_kv_cache(Tensor(a!) cache, int first, int last, Tensor slots, Tensor states) -> ()");
   m.def("write_tiled_kv_cache(Tensor(a!) cache, int first, int last, Tensor slots, Tensor states, bool values) -> ()");
 }

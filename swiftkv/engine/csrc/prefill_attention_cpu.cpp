@@ -77,14 +77,20 @@ void pack(const at::BFloat16* k, const at::BFloat16* v, int64_t k_head, int64_t 
   });
 }
 
+// k_scales/v_scales: an int8 tiled cache's [kv_heads, slots] scales (its tiles are widened a key block at a
+// time, bf16_tiles.h: code_tiles), else nullptr
 void prefill_bf16(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                  const int32_t* table, int64_t keys, int64_t block_size, float scale, bool tiled, torch::Tensor& out) {
+                  const int32_t* table, int64_t keys, int64_t block_size, float scale, bool tiled, torch::Tensor& out,
+                  const at::BFloat16* k_scales, const at::BFloat16* v_scales) {
   const int64_t n = query.size(0), heads = query.size(1), dim = query.size(2);
-  const int64_t kv_heads = k_cache.size(0), group = heads / kv_heads, pairs = dim / 2;
+  const int64_t kv_heads = k_cache.size(0), group = heads / kv_heads, pairs = dim / 2, slots = k_cache.size(1);
   const int64_t padded_keys = (keys + kKeyBlock - 1) / kKeyBlock * kKeyBlock, offset = keys - n;
   // a slot-ordered cache is packed into tiles once per call; a tiled one is read in place
-  const at::BFloat16* k = k_cache.data_ptr<at::BFloat16>();
-  const at::BFloat16* v = v_cache.data_ptr<at::BFloat16>();
+  const bool codes = k_scales != nullptr;
+  const at::BFloat16* k = codes ? nullptr : k_cache.data_ptr<at::BFloat16>();
+  const at::BFloat16* v = codes ? nullptr : v_cache.data_ptr<at::BFloat16>();
+  const int8_t* k_codes = codes ? k_cache.data_ptr<int8_t>() : nullptr;
+  const int8_t* v_codes = codes ? v_cache.data_ptr<int8_t>() : nullptr;
   std::vector<uint32_t> k_packed, v_packed;
   const std::vector<uint32_t> zeros(8 * dim, 0u);
   if (!tiled) {
@@ -106,6 +112,8 @@ void prefill_bf16(const torch::Tensor& query, const torch::Tensor& k_cache, cons
     std::vector<at::BFloat16> probabilities(tile_rows * kKeyBlock);
     std::vector<const uint32_t*> queries(tile_rows);
     std::vector<int64_t> row_position(tile_rows);
+    std::vector<uint32_t> widened(codes ? 2 * 4 * 8 * dim : 0);  // a block's 4 K then 4 V tiles, as bf16
+    alignas(64) float key_scale[kKeyBlock], value_scale[kKeyBlock];
     for (int64_t task; (task = next.fetch_add(1)) < tasks;) {
       // heaviest first: the last block of positions sees the most keys
       const int64_t block = position_blocks - 1 - task / kv_heads, kv = task % kv_heads;
@@ -124,7 +132,11 @@ void prefill_bf16(const torch::Tensor& query, const torch::Tensor& k_cache, cons
       const uint32_t* v_head_packed = tiled ? nullptr : v_packed.data() + kv * padded_keys / 2 * dim;
       for (int64_t k0 = 0; k0 <= last_position; k0 += kKeyBlock) {
         const uint32_t *key_tiles[4], *value_tiles[4];
-        if (tiled) {
+        if (codes) {
+          code_tiles(k_codes + kv * k_cache.stride(0), v_codes + kv * v_cache.stride(0), k_scales + kv * slots,
+                     v_scales + kv * slots, table, block_size, dim, k0, keys, zeros.data(), widened.data(), key_tiles,
+                     value_tiles, key_scale, value_scale);
+        } else if (tiled) {
           cache_tiles(k + kv * k_cache.stride(0), v + kv * v_cache.stride(0), table, block_size, dim, k0, keys,
                       zeros.data(), key_tiles, value_tiles);
         } else {
@@ -136,6 +148,7 @@ void prefill_bf16(const torch::Tensor& query, const torch::Tensor& k_cache, cons
         for (int64_t r = 0; r < rows; r += kRows)
           score_rows<kRows>(static_cast<int>(std::min<int64_t>(kRows, rows - r)), &queries[r], key_tiles, pairs,
                             scale, &scores[r * kKeyBlock]);
+        if (codes) scale_scores(scores.data(), rows, key_scale);
         const bool masked = k0 + kKeyBlock - 1 > first_position;
         for (int64_t r = 0; r < rows; ++r) {  // online softmax
           __mmask16 visible[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
@@ -143,6 +156,7 @@ void prefill_bf16(const torch::Tensor& query, const torch::Tensor& k_cache, cons
           softmax_block(&scores[r * kKeyBlock], visible, best[r], total[r], correction[r],
                         &probabilities[r * kKeyBlock]);
         }
+        if (codes) scale_probabilities(probabilities.data(), rows, value_scale);
         add_block_values(rows, value_tiles, dim, probabilities.data(), correction.data(), acc.data());
       }
       for (int64_t r = 0; r < rows; ++r) {
@@ -209,8 +223,11 @@ bool is_fast(at::ScalarType dtype, int64_t head_dim) {
 // cache entry); block_table [>= keys / block_size] int32 -> [n, heads * head_dim], causal
 torch::Tensor prefill_attention(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                 const torch::Tensor& block_table, int64_t keys, int64_t block_size, double scale,
-                                bool tiled) {
-  swiftkv_common::check_query_and_caches(query, k_cache, v_cache, block_size);
+                                bool tiled, const c10::optional<torch::Tensor>& k_scale,
+                                const c10::optional<torch::Tensor>& v_scale) {
+  const bool codes = k_scale.has_value() && k_scale->defined();  // an int8 cache, with bf16 scales
+  swiftkv_common::check_query_and_caches(query, k_cache, v_cache, block_size, codes);
+  if (codes) swiftkv_common::check_scales(tiled, k_cache, *k_scale, v_scale);
   TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 1, "block_table must be 1-d int32");
   TORCH_CHECK(query.size(0) >= 1 && keys >= query.size(0), "need 1 <= queries <= keys");
   TORCH_CHECK(block_table.size(0) * block_size >= keys, "block_table holds fewer than `keys` slots");
@@ -225,10 +242,12 @@ torch::Tensor prefill_attention(const torch::Tensor& query, const torch::Tensor&
 #if defined(__AVX512BF16__)
   if (is_fast(query.scalar_type(), query.size(2)) && reinterpret_cast<uintptr_t>(query.data_ptr()) % 4 == 0 &&
       query.stride(0) % 2 == 0 && query.stride(1) % 2 == 0) {
-    prefill_bf16(query, k_cache, v_cache, blocks, keys, block_size, s, tiled, out);
+    prefill_bf16(query, k_cache, v_cache, blocks, keys, block_size, s, tiled, out,
+                 codes ? k_scale->data_ptr<at::BFloat16>() : nullptr, codes ? v_scale->data_ptr<at::BFloat16>() : nullptr);
     return out.view({query.size(0), query.size(1) * query.size(2)});
   }
 #endif
+  TORCH_CHECK(!codes, "an int8 KV cache needs the AVX512-BF16 path");
   switch (query.scalar_type()) {
     case at::kBFloat16: prefill_plain<at::BFloat16>(query, k_cache, v_cache, blocks, keys, block_size, s, out); break;
     case at::kFloat: prefill_plain<float>(query, k_cache, v_cache, blocks, keys, block_size, s, out); break;
@@ -242,7 +261,7 @@ bool prefill_attention_is_fast(at::ScalarType dtype, int64_t head_dim) { return 
 
 TORCH_LIBRARY_FRAGMENT(swiftkv_cpu, m) {
   m.def("prefill_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_table, int keys, "
-        "int block_size, float scale, bool tiled=False) -> Tensor");
+        "int block_size, float scale, bool tiled=False, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor");
   m.def("prefill_attention_is_fast(ScalarType dtype, int head_dim) -> bool", &prefill_attention_is_fast);
 }
 TORCH_LIBRARY_IMPL(swiftkv_cpu, CPU, m) { m.impl("prefill_attention", &prefill_attention); }
