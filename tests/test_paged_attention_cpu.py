@@ -213,6 +213,18 @@ def test_a_cache_that_cannot_be_tiled_gets_a_clear_error():
                                                    torch.ones(1, dtype=torch.int32), 16, 0.25, tiled=True)
 
 
+def prompt_and_decode_logits(engine) -> list[torch.Tensor]:
+    """A whole prompt and a chunked one packed in one step, then three decode steps of both: every logits row."""
+    whole, chunked = reserved_sequences(engine, prompts(2, seed=5))
+    engine.runner.run([Chunk(chunked, 0, 9)])
+    steps = [engine.runner.run([Chunk(whole, 0, len(whole)), Chunk(chunked, 9, len(chunked))])]
+    for token in (7, 11, 13):
+        for sequence in (whole, chunked):
+            sequence.token_ids.append(token)
+        steps.append(engine.runner.run([Chunk(s, len(s) - 1, len(s)) for s in (whole, chunked)]))
+    return [row for step in steps for row in step]
+
+
 @tiled_path
 @pytest.mark.parametrize("swiftkv", [False, True])
 def test_the_engine_tiles_bf16_caches_and_gets_the_logits_of_pytorch_attention(monkeypatch, swiftkv):
@@ -224,14 +236,7 @@ def test_the_engine_tiles_bf16_caches_and_gets_the_logits_of_pytorch_attention(m
 
     def logits():
         engine = engine_for(model, dtype="bfloat16", block_size=16)
-        whole, chunked = reserved_sequences(engine, prompts(2, seed=5))
-        engine.runner.run([Chunk(chunked, 0, 9)])
-        steps = [engine.runner.run([Chunk(whole, 0, len(whole)), Chunk(chunked, 9, len(chunked))])]
-        for token in (7, 11, 13):
-            for sequence in (whole, chunked):
-                sequence.token_ids.append(token)
-            steps.append(engine.runner.run([Chunk(s, len(s) - 1, len(s)) for s in (whole, chunked)]))
-        return [row for step in steps for row in step], engine.runner.tiled_cache
+        return prompt_and_decode_logits(engine), engine.runner.tiled_cache
 
     tiled_logits, tiled = logits()
     monkeypatch.setenv(paged_attention_cpu.DISABLE_VARIABLE, "0")
@@ -300,14 +305,7 @@ def test_the_engine_tiles_int8_caches_and_gets_the_logits_of_its_slot_ordered_in
 
     def logits(block_size):
         engine = engine_for(model, dtype="bfloat16", block_size=block_size, kv_cache_dtype="int8")
-        whole, chunked = reserved_sequences(engine, prompts(2, seed=5))
-        engine.runner.run([Chunk(chunked, 0, 9)])
-        steps = [engine.runner.run([Chunk(whole, 0, len(whole)), Chunk(chunked, 9, len(chunked))])]
-        for token in (7, 11, 13):
-            for sequence in (whole, chunked):
-                sequence.token_ids.append(token)
-            steps.append(engine.runner.run([Chunk(s, len(s) - 1, len(s)) for s in (whole, chunked)]))
-        return [row for step in steps for row in step], engine.runner.tiled_cache
+        return prompt_and_decode_logits(engine), engine.runner.tiled_cache
 
     (tiled_logits, tiled), (slot_logits, slot_ordered_tiled) = logits(16), logits(8)
     assert tiled and not slot_ordered_tiled
