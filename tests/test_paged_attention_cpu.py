@@ -195,12 +195,13 @@ def test_both_kernels_read_a_tiled_cache_as_attention_over_its_slots(heads, kv_h
 
 
 @tiled_path
-def test_a_tiled_write_puts_each_token_where_tiling_the_slot_ordered_cache_puts_it():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])  # bf16 K/V, or an int8 cache's codes
+def test_a_tiled_write_puts_each_token_where_tiling_the_slot_ordered_cache_puts_it(dtype):
     generator = torch.Generator().manual_seed(2)
     slots = torch.randperm(40 * 16, generator=generator)[:50]
-    states = torch.randn(50, 2, 3, 64, generator=generator).bfloat16().permute(1, 2, 0, 3)  # as the runner's
+    states = (torch.randn(50, 2, 3, 64, generator=generator) * 50).to(dtype).permute(1, 2, 0, 3)  # as the runner's
     for values in (False, True):
-        tiled, slot_ordered = torch.zeros(3, 3, 40 * 16, 64).bfloat16(), torch.zeros(3, 3, 40 * 16, 64).bfloat16()
+        tiled, slot_ordered = torch.zeros(3, 3, 40 * 16, 64, dtype=dtype), torch.zeros(3, 3, 40 * 16, 64, dtype=dtype)
         paged_attention_cpu.write_tiled_kv_cache(tiled, 1, 3, slots, states, values)
         slot_ordered[1:3].index_copy_(2, slots, states)
         assert torch.equal(tiled, paged_attention_cpu.tile_cache(slot_ordered, values))
@@ -279,19 +280,6 @@ def test_both_kernels_read_a_tiled_int8_cache_as_attention_over_its_dequantized_
             k_scale=k_scale, v_scale=v_scale)
         expected = causal_attention_over_gathered_keys(query, k_values, v_values, table, keys, block_size, scale)
         torch.testing.assert_close(output.float(), expected, atol=2e-2, rtol=2e-2)
-
-
-@tiled_path
-def test_int8_codes_are_written_where_tiling_the_slot_ordered_codes_puts_them():
-    generator = torch.Generator().manual_seed(4)
-    slots = torch.randperm(40 * 16, generator=generator)[:50]
-    states = torch.randint(-127, 128, (50, 2, 3, 64), generator=generator, dtype=torch.int8).permute(1, 2, 0, 3)
-    for values in (False, True):
-        tiled, slot_ordered = torch.zeros(3, 3, 40 * 16, 64, dtype=torch.int8), torch.zeros(3, 3, 40 * 16, 64,
-                                                                                              dtype=torch.int8)
-        paged_attention_cpu.write_tiled_kv_cache(tiled, 1, 3, slots, states, values)
-        slot_ordered[1:3].index_copy_(2, slots, states)
-        assert torch.equal(tiled, paged_attention_cpu.tile_cache(slot_ordered, values))
 
 
 @tiled_path
