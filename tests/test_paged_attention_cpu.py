@@ -265,19 +265,18 @@ def test_both_kernels_read_a_tiled_int8_cache_as_attention_over_its_dequantized_
     tables = torch.stack([torch.randperm(num_blocks, generator=generator)[:-(-1100 // block_size)]
                           for _ in key_counts]).int()
     query = torch.randn(len(key_counts), heads, head_dim, generator=generator).bfloat16()
-    output = paged_attention_cpu.paged_decode_attention(
-        query, paged_attention_cpu.tile_cache(k_codes, values=False), paged_attention_cpu.tile_cache(v_codes, values=True),
-        tables, key_counts, block_size, scale, tiled=True, k_scale=k_scale, v_scale=v_scale)
+    k_tiled = paged_attention_cpu.tile_cache(k_codes, values=False)
+    v_tiled = paged_attention_cpu.tile_cache(v_codes, values=True)
+    output = paged_attention_cpu.paged_decode_attention(query, k_tiled, v_tiled, tables, key_counts, block_size, scale,
+                                                        tiled=True, k_scale=k_scale, v_scale=v_scale)
     k_values, v_values = k_codes * k_scale.float(), v_codes * v_scale.float()
     expected = attention_over_gathered_keys(query.float(), k_values, v_values, tables, key_counts, block_size, scale)
     torch.testing.assert_close(output.float(), expected, atol=1e-2, rtol=1e-2)
     for keys, queries in [(1, 1), (37, 37), (300, 300), (1000, 45)]:  # prompts and continuing chunks
         table = torch.randperm(num_blocks, generator=generator)[:-(-keys // block_size)].int()
         query = torch.randn(queries, heads, head_dim, generator=generator).bfloat16()
-        output = paged_attention_cpu.prefill_attention(
-            query, paged_attention_cpu.tile_cache(k_codes, values=False),
-            paged_attention_cpu.tile_cache(v_codes, values=True), table, keys, block_size, scale, tiled=True,
-            k_scale=k_scale, v_scale=v_scale)
+        output = paged_attention_cpu.prefill_attention(query, k_tiled, v_tiled, table, keys, block_size, scale,
+                                                       tiled=True, k_scale=k_scale, v_scale=v_scale)
         expected = causal_attention_over_gathered_keys(query, k_values, v_values, table, keys, block_size, scale)
         torch.testing.assert_close(output.float(), expected, atol=2e-2, rtol=2e-2)
 

@@ -1,11 +1,11 @@
 """bf16 projections of a few rows (decode steps) through our own CPU kernel, csrc/small_batch_linear_cpu.cpp.
 
-A decode step multiplies one row per running sequence by every weight matrix, so its matrix products should
-run at the speed weights stream from memory. On a CPU with AVX512-BF16, oneDNN's bf16 GEMM reaches about half
-of that at 1-16 rows and ATen's GEMV only at one row; the kernel reads the weights as stored, prefetches the
-next rows while it multiplies, and stays ahead of both up to about 100 rows (benchmarks/small_batch_linear.py:
-SmolLM2's 30 layers + lm_head at 16 rows, 16.3 -> 10.9 ms). One row goes to ATen's GEMV, more than 64 (prompt
-chunks) to oneDNN, which is faster once the products are compute-bound.
+A decode step multiplies one row per running sequence by every weight matrix, so its matrix products should run
+at the speed weights stream from memory. On a CPU with AVX512-BF16, oneDNN's bf16 GEMM reaches a third to a half
+of that at 1-16 rows and ATen's GEMV most of it at one row only; the kernel reads the weights as stored,
+prefetches the next rows while it multiplies, and stays ahead of both up to about 100 rows
+(benchmarks/small_batch_linear.py: SmolLM2's 30 layers + lm_head at 16 rows, 16.3 -> 10.9 ms). One row goes to
+ATen's GEMV, more than 64 (prompt chunks) to oneDNN, which is faster once the products are compute-bound.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from torch import nn
 
 from swiftkv.engine import paged_attention_cpu
 
-# the kernel from 2 to 64 rows (benchmarks/small_batch_linear.json); one row goes to F.linear, which is ATen's
-# GEMV where the engine switches oneDNN off for one-row steps (5-8% faster there), and more rows to oneDNN
+# the kernel from 2 to 64 rows (benchmarks/small_batch_linear.json); one row to F.linear: ATen's GEMV where the
+# engine switches oneDNN off for one-row steps (the kernel is no faster there); more rows to oneDNN
 MIN_ROWS, MAX_ROWS = 2, 64
 DISABLE_VARIABLE = "SWIFTKV_CPU_LINEAR_KERNEL"  # "0": engines built from then on keep PyTorch's products
 

@@ -243,7 +243,8 @@ torch::Tensor prefill_attention(const torch::Tensor& query, const torch::Tensor&
   if (is_fast(query.scalar_type(), query.size(2)) && reinterpret_cast<uintptr_t>(query.data_ptr()) % 4 == 0 &&
       query.stride(0) % 2 == 0 && query.stride(1) % 2 == 0) {
     prefill_bf16(query, k_cache, v_cache, blocks, keys, block_size, s, tiled, out,
-                 codes ? k_scale->data_ptr<at::BFloat16>() : nullptr, codes ? v_scale->data_ptr<at::BFloat16>() : nullptr);
+                 codes ? k_scale->data_ptr<at::BFloat16>() : nullptr,
+                 codes ? v_scale->data_ptr<at::BFloat16>() : nullptr);
     return out.view({query.size(0), query.size(1) * query.size(2)});
   }
 #endif

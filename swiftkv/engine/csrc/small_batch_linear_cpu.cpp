@@ -1,8 +1,8 @@
 // bf16 matrix products of a few rows on a CPU with AVX512-BF16 (swiftkv/engine/small_batch_linear.py).
 //
 // A decode step multiplies one row per running sequence by every weight matrix: the weights stream from memory
-// once and the arithmetic is small, so speed is bytes per second. oneDNN's bf16 GEMM reaches about a third of
-// the memory bandwidth at 1-16 rows, ATen's GEMV the bandwidth at one row but not beyond. This kernel reads the
+// once and the arithmetic is small, so speed is bytes per second. oneDNN's bf16 GEMM reaches a third to a half
+// of the memory bandwidth at 1-16 rows, ATen's GEMV most of it at one row but not beyond. This kernel reads the
 // weight [N, K] as stored (no packed copy): each task takes 16 output features, keeps their rows in L1, and
 // for every few input rows computes a tile of 16 dot products by bf16 pairs (vdpbf16ps: exact products,
 // float32 sums), 32 input features at a time, then reduces the 16 at once (sum16). Tiles are 4 rows x 4
