@@ -207,6 +207,26 @@ def test_a_tiled_write_puts_each_token_where_tiling_the_slot_ordered_cache_puts_
         assert torch.equal(tiled, paged_attention_cpu.tile_cache(slot_ordered, values))
 
 
+@tiled_path
+def test_a_tiled_int8_write_quantizes_bf16_states_as_the_runner_does():
+    """The C++ write of an int8 cache computes the codes and scales of `ModelRunner._encoded` (bf16 arithmetic)."""
+    generator = torch.Generator().manual_seed(6)
+    runner = engine_for(make_base_model("llama", hidden_size=128).bfloat16(), dtype="bfloat16", block_size=16,
+                        kv_cache_dtype="int8").runner
+    slots = torch.randperm(runner.k_cache.shape[2], generator=generator)[:40] + 16  # past the scratch block
+    slots = slots[slots < runner.k_cache.shape[2]]
+    states = torch.randn(len(slots), 2, runner.num_kv_heads, runner.head_dim, generator=generator).bfloat16()
+    states[0] = 0  # an all-zero token: the clamped scale
+    runner._write(slice(1, 3), slots, states, 3 * states)
+    for cache, scales, written in ((runner.k_cache, runner.k_scale, states), (runner.v_cache, runner.v_scale,
+                                                                              3 * states)):
+        codes, scale = runner._encoded(written.permute(1, 2, 0, 3))
+        expected = torch.zeros_like(cache[1:3])
+        expected.index_copy_(2, slots, codes)
+        assert torch.equal(cache[1:3], paged_attention_cpu.tile_cache(expected, values=cache is runner.v_cache))
+        assert torch.equal(scales[1:3].index_select(2, slots), scale)
+
+
 def test_a_cache_that_cannot_be_tiled_gets_a_clear_error():
     cache = torch.zeros(2, 16, 16)  # float32, head size 16
     with pytest.raises(RuntimeError, match="tiled KV cache needs bf16"):

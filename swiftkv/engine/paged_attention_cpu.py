@@ -67,8 +67,8 @@ def _build() -> bool:
     torch.library.register_fake("swiftkv_cpu::paged_decode_attention")(_output_like)
     torch.library.register_fake("swiftkv_cpu::prefill_attention")(_output_like)
     torch.library.register_fake("swiftkv_cpu::write_kv_cache")(lambda cache, first, last, slots, states: None)
-    torch.library.register_fake("swiftkv_cpu::write_tiled_kv_cache")(lambda cache, first, last, slots, states, values:
-                                                                     None)
+    torch.library.register_fake("swiftkv_cpu::write_tiled_kv_cache")(
+        lambda cache, first, last, slots, states, values, scales=None: None)
     torch.library.register_fake("swiftkv_cpu::small_batch_linear")(
         lambda input, weight, bias: input.new_empty(input.shape[0], weight.shape[0]))
     return True
@@ -143,7 +143,9 @@ def tile_cache(cache: torch.Tensor, values: bool) -> torch.Tensor:
 
 
 def write_tiled_kv_cache(cache: torch.Tensor, first: int, last: int, slots: torch.Tensor, states: torch.Tensor,
-                         values: bool) -> None:
-    """`states` `[entries, kv_heads, tokens, d]` (K, or V with `values`; bf16, or int8 codes) into the tiled cache
-    entries `[first, last)` of `cache` `[entries, kv_heads, slots, d]` at `slots` `[tokens]`, in place."""
-    torch.ops.swiftkv_cpu.write_tiled_kv_cache(cache, first, last, slots, states, values)
+                         values: bool, scales: Optional[torch.Tensor] = None) -> None:
+    """`states` `[entries, kv_heads, tokens, d]` (K, or V with `values`; of the cache's dtype) into the tiled cache
+    entries `[first, last)` of `cache` `[entries, kv_heads, slots, d]` at `slots` `[tokens]`, in place. With
+    `scales` (`[entries, kv_heads, slots, 1]` bf16), bf16 states are quantized into an int8 cache on the way, each
+    token and head as `ModelRunner._encoded` does, and their scales written."""
+    torch.ops.swiftkv_cpu.write_tiled_kv_cache(cache, first, last, slots, states, values, scales)

@@ -151,6 +151,36 @@ inline __m512 load_scales(const at::BFloat16* p) {  // 16 bf16 scales as float32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// An int8 tile (K: values = false, V: true) dequantized into bf16 words (code * its key's scale, rounded once):
+// what the prompt kernel packs once per call, where a block's keys serve many query rows. scale: the tile's 16
+// keys' scales, 0 for keys past the prompt (their values come out 0)
+inline void dequantize_tile(const int8_t* codes, const float* scale, bool values, int64_t dim, uint32_t* words) {
+  alignas(64) float pattern[3][16];  // K: keys 0-7 / 8-15, each twice; V: set per pair of keys below
+  for (int i = 0; i < 16; ++i) {
+    pattern[0][i] = scale[i / 2];
+    pattern[1][i] = scale[8 + i / 2];
+  }
+  auto widen = [](const int8_t* c, __m512 s) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), s);
+  };
+  if (!values) {  // [dim / 2][16 keys][2]: 32 codes per pair of dimensions, keys 0-7 then 8-15
+    const __m512 low = _mm512_load_ps(pattern[0]), high = _mm512_load_ps(pattern[1]);
+    for (int64_t p = 0; p < dim / 2; ++p)
+      _mm512_storeu_si512(words + p * 16,
+                          (__m512i)_mm512_cvtne2ps_pbh(widen(codes + p * 32 + 16, high), widen(codes + p * 32, low)));
+    return;
+  }
+  for (int64_t jp = 0; jp < 8; ++jp) {  // [8 pairs of keys][dim][2]: keys 2jp and 2jp + 1 alternate
+    for (int i = 0; i < 16; ++i) pattern[2][i] = scale[2 * jp + i % 2];
+    const __m512 pair = _mm512_load_ps(pattern[2]);
+    for (int64_t d = 0; d < dim; d += 16) {
+      const int8_t* c = codes + jp * 2 * dim + 2 * d;
+      _mm512_storeu_si512(words + jp * dim + d, (__m512i)_mm512_cvtne2ps_pbh(widen(c + 16, pair), widen(c, pair)));
+    }
+  }
+}
+
 // cache_tiles for an int8 cache (k, v: one KV head's codes; k_scales, v_scales: its [slots] scales): the block's
 // tiles widened into `widened` (4 K then 4 V tiles of 8 * head_dim words) and their keys' scales (0 past `keys`)
 inline void code_tiles(const int8_t* k, const int8_t* v, const at::BFloat16* k_scales, const at::BFloat16* v_scales,

@@ -491,28 +491,45 @@ void write_kv_cache(at::Tensor& cache, int64_t first, int64_t last, const at::Te
 }
 
 // The same for a tiled cache (bf16_tiles.h; int8 codes in the same places): each token's K (values=false) or V
-// (values=true) into its slot's place in its tile
-template <typename T>
+// (values=true) into its slot's place in its tile. With `scales` (an int8 cache fed bf16 states), each token and
+// head is quantized on the way, as ModelRunner._encoded does in bf16 arithmetic (scale = absmax / 127, code =
+// round(x / scale)), and its scale written to scales[entry][head][slot]
+template <typename T, typename Source>
 void write_tiles(at::Tensor& cache, int64_t first, int64_t last, const int64_t* slot_ids, int64_t tokens,
-                 const at::Tensor& states, bool values) {
+                 const at::Tensor& states, bool values, at::BFloat16* scales) {
   const int64_t kv_heads = cache.size(1), slot_count = cache.size(2), dim = cache.size(3);
   T* base = cache.data_ptr<T>();
-  const T* source = states.data_ptr<T>();
+  const Source* source = states.data_ptr<Source>();
   const int64_t s0 = states.stride(0), s1 = states.stride(1), s2 = states.stride(2), s3 = states.stride(3);
   // a decode step's few tokens are written on the calling thread: a parallel region would cost more than them
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, tokens * dim));
   at::parallel_for(0, (last - first) * kv_heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> row(dim);
     for (int64_t index = begin; index < end; ++index) {
       const int64_t entry = index / kv_heads, head = index % kv_heads;
       T* head_base = base + ((first + entry) * kv_heads + head) * slot_count * dim;
       for (int64_t t = 0; t < tokens; ++t) {
         const int64_t slot = slot_ids[t], j = slot % 16;
         T* tile = head_base + (slot - j) * dim;
-        const T* x = source + entry * s0 + head * s1 + t * s2;
+        const Source* x = source + entry * s0 + head * s1 + t * s2;
+        if constexpr (std::is_same_v<T, Source>) {
+          for (int64_t d = 0; d < dim; ++d) row[d] = x[d * s3];
+        } else {  // bf16 -> int8 codes, each step rounded to bf16 as PyTorch's bf16 ops round it
+          float top = 0.f;
+          for (int64_t d = 0; d < dim; ++d) top = std::max(top, std::fabs(static_cast<float>(x[d * s3])));
+          const float clamped = static_cast<float>(at::BFloat16(std::max(top, 1e-8f)));
+          const at::BFloat16 scale(clamped / 127.f);
+          for (int64_t d = 0; d < dim; ++d) {
+            const float ratio =
+                static_cast<float>(at::BFloat16(static_cast<float>(x[d * s3]) / static_cast<float>(scale)));
+            row[d] = static_cast<T>(std::clamp(std::nearbyint(ratio), -127.f, 127.f));
+          }
+          scales[((first + entry) * kv_heads + head) * slot_count + slot] = scale;
+        }
         if (values) {
-          for (int64_t d = 0; d < dim; ++d) tile[2 * (j / 2 * dim + d) + j % 2] = x[d * s3];
+          for (int64_t d = 0; d < dim; ++d) tile[2 * (j / 2 * dim + d) + j % 2] = row[d];
         } else {
-          for (int64_t d = 0; d < dim; ++d) tile[2 * (d / 2 * 16 + j) + d % 2] = x[d * s3];
+          for (int64_t d = 0; d < dim; ++d) tile[2 * (d / 2 * 16 + j) + d % 2] = row[d];
         }
       }
     }
@@ -520,23 +537,32 @@ void write_tiles(at::Tensor& cache, int64_t first, int64_t last, const int64_t* 
 }
 
 void write_tiled_kv_cache(at::Tensor& cache, int64_t first, int64_t last, const at::Tensor& slots,
-                          const at::Tensor& states, bool values) {
-  TORCH_CHECK((cache.scalar_type() == at::kBFloat16 || cache.scalar_type() == at::kChar) &&
-                  states.scalar_type() == cache.scalar_type() && cache.is_contiguous(),
-              "a tiled cache is contiguous bf16 or int8, and the states written to it share its dtype");
+                          const at::Tensor& states, bool values, const c10::optional<at::Tensor>& scales) {
+  const bool quantize = scales.has_value() && scales->defined();
+  TORCH_CHECK((cache.scalar_type() == at::kBFloat16 || cache.scalar_type() == at::kChar) && cache.is_contiguous() &&
+                  states.scalar_type() == (quantize ? at::kBFloat16 : cache.scalar_type()),
+              "a tiled cache is contiguous bf16 or int8; the states written to it share its dtype, or are bf16 "
+              "quantized into an int8 one with `scales`");
   TORCH_CHECK(states.dim() == 4 && states.size(0) == last - first && states.size(1) == cache.size(1) &&
               states.size(2) == slots.numel() && states.size(3) == cache.size(3), "states must be [entries, kv_heads, "
               "tokens, head_dim] for entries [first, last) and one slot per token");
   const int64_t slot_count = cache.size(2), dim = cache.size(3), tokens = slots.numel();
   TORCH_CHECK(slot_count % 16 == 0 && dim % 2 == 0, "a tiled cache holds whole tiles of 16 slots and pairs of dims");
+  if (quantize)
+    TORCH_CHECK(cache.scalar_type() == at::kChar && scales->scalar_type() == at::kBFloat16 && scales->is_contiguous() &&
+                    scales->numel() == cache.size(0) * cache.size(1) * slot_count,
+                "scales must be contiguous bf16 [entries, kv_heads, slots(, 1)] for an int8 cache");
   const auto ids = slots.to(at::kLong).contiguous();
   const int64_t* slot_ids = ids.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t)
     TORCH_CHECK(slot_ids[t] >= 0 && slot_ids[t] < slot_count, "slot ", slot_ids[t], " is outside the cache");
-  if (cache.scalar_type() == at::kChar)
-    write_tiles<int8_t>(cache, first, last, slot_ids, tokens, states, values);
+  if (quantize)
+    write_tiles<int8_t, at::BFloat16>(cache, first, last, slot_ids, tokens, states, values,
+                                      scales->data_ptr<at::BFloat16>());
+  else if (cache.scalar_type() == at::kChar)
+    write_tiles<int8_t, int8_t>(cache, first, last, slot_ids, tokens, states, values, nullptr);
   else
-    write_tiles<at::BFloat16>(cache, first, last, slot_ids, tokens, states, values);
+    write_tiles<at::BFloat16, at::BFloat16>(cache, first, last, slot_ids, tokens, states, values, nullptr);
 }
 
 // C++ operators: no Python on the call path, which a decode step would otherwise pay on every layer
@@ -545,7 +571,8 @@ TORCH_LIBRARY(swiftkv_cpu, m) {
         "Tensor key_counts, int block_size, float scale, bool tiled=False, Tensor? k_scale=None, "
         "Tensor? v_scale=None) -> Tensor");
   m.def("write_kv_cache(Tensor(a!) cache, int first, int last, Tensor slots, Tensor states) -> ()");
-  m.def("write_tiled_kv_cache(Tensor(a!) cache, int first, int last, Tensor slots, Tensor states, bool values) -> ()");
+  m.def("write_tiled_kv_cache(Tensor(a!) cache, int first, int last, Tensor slots, Tensor states, bool values, "
+        "Tensor(b!)? scales=None) -> ()");
 }
 TORCH_LIBRARY_IMPL(swiftkv_cpu, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);

@@ -77,8 +77,36 @@ void pack(const at::BFloat16* k, const at::BFloat16* v, int64_t k_head, int64_t 
   });
 }
 
-// k_scales/v_scales: an int8 tiled cache's [kv_heads, slots] scales (its tiles are widened a key block at a
-// time, bf16_tiles.h: code_tiles), else nullptr
+// pack() for an int8 tiled cache: each tile dequantized (code * scale), keys past `keys` zero
+void pack_codes(const int8_t* k, const int8_t* v, const at::BFloat16* k_scales, const at::BFloat16* v_scales,
+                int64_t k_head, int64_t v_head, int64_t slots, const int32_t* table, int64_t block_size, int64_t keys,
+                int64_t kv_heads, int64_t dim, int64_t padded_keys, uint32_t* k_packed, uint32_t* v_packed) {
+  const int64_t pairs = dim / 2, tiles = padded_keys / 16;
+  at::parallel_for(0, kv_heads * tiles, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float key_scale[16], value_scale[16];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t kv = task / tiles, tile = task % tiles;
+      uint32_t* kp = k_packed + (kv * tiles + tile) * pairs * 16;
+      uint32_t* vp = v_packed + (kv * tiles + tile) * 8 * dim;
+      if (tile * 16 >= keys) {
+        std::fill(kp, kp + pairs * 16, 0u);
+        std::fill(vp, vp + 8 * dim, 0u);
+        continue;
+      }
+      const int64_t slot = slot_of(table, tile * 16, block_size);  // a tile's 16 slots: one run of a block
+      for (int j = 0; j < 16; ++j) {
+        const bool seen = tile * 16 + j < keys;
+        key_scale[j] = seen ? static_cast<float>(k_scales[kv * slots + slot + j]) : 0.f;
+        value_scale[j] = seen ? static_cast<float>(v_scales[kv * slots + slot + j]) : 0.f;
+      }
+      dequantize_tile(k + kv * k_head + slot * dim, key_scale, false, dim, kp);
+      dequantize_tile(v + kv * v_head + slot * dim, value_scale, true, dim, vp);
+    }
+  });
+}
+
+// k_scales/v_scales: an int8 tiled cache's [kv_heads, slots] scales (its tiles are dequantized into the packed
+// layout once per call: each key block serves every query row), else nullptr
 void prefill_bf16(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                   const int32_t* table, int64_t keys, int64_t block_size, float scale, bool tiled, torch::Tensor& out,
                   const at::BFloat16* k_scales, const at::BFloat16* v_scales) {
@@ -93,12 +121,17 @@ void prefill_bf16(const torch::Tensor& query, const torch::Tensor& k_cache, cons
   const int8_t* v_codes = codes ? v_cache.data_ptr<int8_t>() : nullptr;
   std::vector<uint32_t> k_packed, v_packed;
   const std::vector<uint32_t> zeros(8 * dim, 0u);
-  if (!tiled) {
+  if (!tiled || codes) {
     k_packed.resize(kv_heads * padded_keys * pairs);
     v_packed.resize(kv_heads * padded_keys / 2 * dim);
-    pack(k, v, k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), table, block_size, keys,
-         kv_heads, dim, padded_keys, k_packed.data(), v_packed.data());
+    if (codes)
+      pack_codes(k_codes, v_codes, k_scales, v_scales, k_cache.stride(0), v_cache.stride(0), slots, table, block_size,
+                 keys, kv_heads, dim, padded_keys, k_packed.data(), v_packed.data());
+    else
+      pack(k, v, k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), table, block_size, keys,
+           kv_heads, dim, padded_keys, k_packed.data(), v_packed.data());
   }
+  const bool in_place = tiled && !codes;  // a bf16 tiled cache is read where it is
 
   const at::BFloat16* q = query.data_ptr<at::BFloat16>();
   at::BFloat16* o = out.data_ptr<at::BFloat16>();
@@ -112,8 +145,6 @@ void prefill_bf16(const torch::Tensor& query, const torch::Tensor& k_cache, cons
     std::vector<at::BFloat16> probabilities(tile_rows * kKeyBlock);
     std::vector<const uint32_t*> queries(tile_rows);
     std::vector<int64_t> row_position(tile_rows);
-    std::vector<uint32_t> widened(codes ? 2 * 4 * 8 * dim : 0);  // a block's 4 K then 4 V tiles, as bf16
-    alignas(64) float key_scale[kKeyBlock], value_scale[kKeyBlock];
     for (int64_t task; (task = next.fetch_add(1)) < tasks;) {
       // heaviest first: the last block of positions sees the most keys
       const int64_t block = position_blocks - 1 - task / kv_heads, kv = task % kv_heads;
@@ -128,15 +159,11 @@ void prefill_bf16(const torch::Tensor& query, const torch::Tensor& k_cache, cons
       std::fill(best.begin(), best.begin() + rows, -std::numeric_limits<float>::infinity());
       std::fill(total.begin(), total.begin() + rows, 0.f);
       const int64_t first_position = offset + first, last_position = offset + last - 1;
-      const uint32_t* k_head_packed = tiled ? nullptr : k_packed.data() + kv * padded_keys * pairs;
-      const uint32_t* v_head_packed = tiled ? nullptr : v_packed.data() + kv * padded_keys / 2 * dim;
+      const uint32_t* k_head_packed = in_place ? nullptr : k_packed.data() + kv * padded_keys * pairs;
+      const uint32_t* v_head_packed = in_place ? nullptr : v_packed.data() + kv * padded_keys / 2 * dim;
       for (int64_t k0 = 0; k0 <= last_position; k0 += kKeyBlock) {
         const uint32_t *key_tiles[4], *value_tiles[4];
-        if (codes) {
-          code_tiles(k_codes + kv * k_cache.stride(0), v_codes + kv * v_cache.stride(0), k_scales + kv * slots,
-                     v_scales + kv * slots, table, block_size, dim, k0, keys, zeros.data(), widened.data(), key_tiles,
-                     value_tiles, key_scale, value_scale);
-        } else if (tiled) {
+        if (in_place) {
           cache_tiles(k + kv * k_cache.stride(0), v + kv * v_cache.stride(0), table, block_size, dim, k0, keys,
                       zeros.data(), key_tiles, value_tiles);
         } else {
@@ -148,7 +175,6 @@ void prefill_bf16(const torch::Tensor& query, const torch::Tensor& k_cache, cons
         for (int64_t r = 0; r < rows; r += kRows)
           score_rows<kRows>(static_cast<int>(std::min<int64_t>(kRows, rows - r)), &queries[r], key_tiles, pairs,
                             scale, &scores[r * kKeyBlock]);
-        if (codes) scale_scores(scores.data(), rows, key_scale);
         const bool masked = k0 + kKeyBlock - 1 > first_position;
         for (int64_t r = 0; r < rows; ++r) {  // online softmax
           __mmask16 visible[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
@@ -156,7 +182,6 @@ void prefill_bf16(const torch::Tensor& query, const torch::Tensor& k_cache, cons
           softmax_block(&scores[r * kKeyBlock], visible, best[r], total[r], correction[r],
                         &probabilities[r * kKeyBlock]);
         }
-        if (codes) scale_probabilities(probabilities.data(), rows, value_scale);
         add_block_values(rows, value_tiles, dim, probabilities.data(), correction.data(), acc.data());
       }
       for (int64_t r = 0; r < rows; ++r) {
