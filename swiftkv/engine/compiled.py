@@ -68,7 +68,8 @@ def compile_decode(runner):
     from swiftkv.engine.model_runner import onednn
 
     if runner.quantized:
-        raise ValueError("compile_decode needs kv_cache_dtype='auto' (8-bit caches are gathered, not read in place)")
+        raise ValueError("compile_decode needs kv_cache_dtype='auto' (compiled steps are built for unquantized "
+                         "caches)")
     runner.compiled_kv_write = kv_cache_writer(runner)
     compiled = torch.compile(runner._forward, dynamic=True)
     # built outside inference mode, as the runner builds a step's batch

@@ -59,10 +59,10 @@ class QueryRows:
 
     With a paged kernel (the GPU's Triton kernel, engine/paged_attention.py; the CPU's C++ kernel,
     engine/paged_attention_cpu.py), block_tables `[rows, blocks]` and key_counts `[rows]` (int32): the kernel
-    reads K/V straight from the blocks. Without one (8-bit caches; a CPU where the kernel cannot be built),
-    in_place_starts: each row's first slot when every row's context is one slot range read in place (fused
-    SDPA, row by row); else read_slots `[rows, T]` (padded) are gathered for one batched attention, with mask
-    `[rows, T]` over the padding (None for one row)."""
+    reads K/V straight from the blocks. Without one (8-bit caches other than a tiled int8 one; a CPU where the
+    kernel cannot be built), in_place_starts: each row's first slot when every row's context is one slot range
+    read in place (fused SDPA, row by row); else read_slots `[rows, T]` (padded) are gathered for one batched
+    attention, with mask `[rows, T]` over the padding (None for one row)."""
 
     lengths: list[int]
     in_place_starts: Optional[list[int]] = None
@@ -203,7 +203,8 @@ class ModelRunner:
             fast = self.device.type == "cpu" and small_batch_linear.available() and \
                 small_batch_linear.supports(self.single_input_kv[0])
             self.single_input_kv_linear = small_batch_linear.linear if fast else F.linear
-        # decode rows through a paged kernel: Triton on a GPU, C++ on a CPU (8-bit caches are gathered instead)
+        # decode rows through a paged kernel: Triton on a GPU, C++ on a CPU (8-bit caches are gathered instead,
+        # but for a tiled int8 one, below)
         self.paged_kernel = None
         if not self.quantized and self.device.type == "cuda" and paged_attention.available():
             self.paged_kernel = paged_attention.paged_decode_attention
