@@ -41,7 +41,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """`F.linear(x, weight, bias)` for bf16 on a CPU, through the kernel when `x` has MIN_ROWS to MAX_ROWS rows;
     call only where `supports(weight)`."""
     rows = x.numel() // weight.shape[1]
-    if not MIN_ROWS <= rows <= MAX_ROWS:
+    if not MIN_ROWS <= rows <= MAX_ROWS or x.device.type != "cpu":  # e.g. a swapped model moved to a GPU since
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, weight.shape[1])
     output = torch.ops.swiftkv_cpu.small_batch_linear(flat if flat.stride(-1) == 1 else flat.contiguous(), weight,
