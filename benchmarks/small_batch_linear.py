@@ -21,6 +21,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -62,15 +63,8 @@ def engine(args, kind: str, kernel: bool, tokenizer) -> LLMEngine:
     model = load_model(args.model, dtype="bfloat16")
     if kind == "swiftkv":
         model = convert_to_swiftkv(model, model.config.num_hidden_layers // 2, 1)
-    previous = os.environ.get(small_batch_linear.DISABLE_VARIABLE)
-    os.environ[small_batch_linear.DISABLE_VARIABLE] = "1" if kernel else "0"
-    try:
+    with mock.patch.dict(os.environ, {small_batch_linear.DISABLE_VARIABLE: "1" if kernel else "0"}):
         return LLMEngine(model, tokenizer, EngineConfig(kv_cache_memory_gb=1.0))
-    finally:
-        if previous is None:
-            os.environ.pop(small_batch_linear.DISABLE_VARIABLE)
-        else:
-            os.environ[small_batch_linear.DISABLE_VARIABLE] = previous
 
 
 def decode_step_ms(engine: LLMEngine, prompts: list[list[int]], steps: int) -> float:

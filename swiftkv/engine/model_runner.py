@@ -166,12 +166,12 @@ class ModelRunner:
     def __init__(self, model, kv_cache_bytes: int, block_size: int, kv_cache_dtype: str = "auto"):
         check_supported(model.config)
         self.model = fuse_projections(model).eval()
-        if next(model.parameters()).device.type == "cpu":  # decode's few-row products: our kernel (bf16 only)
-            small_batch_linear.use_small_batch_linear(self.model)
         self.decoder = model.model
         config = self.config = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        if self.device.type == "cpu":  # decode's few-row products: our kernel (bf16 only)
+            small_batch_linear.use_small_batch_linear(self.model)
         self.num_layers = config.num_hidden_layers
         self.swiftkv = bool(getattr(config, "swiftkv", False)) and config.num_key_value_layers < self.num_layers
         self.num_full_layers = config.num_key_value_layers if self.swiftkv else self.num_layers

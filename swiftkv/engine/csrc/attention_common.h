@@ -40,6 +40,11 @@ inline void check_tiled(bool tiled, const torch::Tensor& query, const torch::Ten
               "and a CPU with AVX512-BF16");
 }
 
+// The cache slot of a sequence's `position`, through its block table
+inline int64_t slot_of(const int32_t* table, int64_t position, int64_t block_size) {
+  return static_cast<int64_t>(table[position / block_size]) * block_size + position % block_size;
+}
+
 // An int8 cache is read tiled, with bf16 scales [kv_heads, slots(, 1)] for K and V
 inline void check_scales(bool tiled, const torch::Tensor& k_cache, const torch::Tensor& k_scale,
                          const c10::optional<torch::Tensor>& v_scale) {
@@ -73,6 +78,12 @@ inline __m512 exp_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, k);
+}
+
+// 16 consecutive bf16 as float32 lanes (exact: a bf16 is the top half of a float32)
+inline __m512 load_bf16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
 // [sum(v[0]), ..., sum(v[15])]: 16 horizontal sums at once (about 3 shuffles and adds per vector, where 16

@@ -23,7 +23,9 @@
 
 namespace swiftkv_tiles {
 
+using swiftkv_common::slot_of;
 using swiftkv_math::exp_nonpositive;
+using swiftkv_math::load_bf16;
 
 constexpr int64_t kTile = 16;      // keys per tile
 constexpr int64_t kKeyBlock = 64;  // keys per step of the online softmax: 4 tiles, 4 vectors of 16 scores
@@ -135,20 +137,15 @@ inline void softmax_block(const float* s, const __mmask16* visible, float& best,
 }
 
 // An int8 cache holds codes in the same tiles, with a bf16 scale per slot and KV head (value = code * scale).
-// n codes -> the same n values as bf16 words (exact: |code| <= 127)
-inline void widen_codes(const int8_t* codes, uint32_t* words, int64_t n) {
-  for (int64_t i = 0; i < n; i += 32) {
-    const __m512 low =
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i))));
-    const __m512 high =
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i + 16))));
-    _mm512_storeu_si512(words + i / 2, (__m512i)_mm512_cvtne2ps_pbh(high, low));
-  }
+// 16 consecutive codes as float32 lanes
+inline __m512 load_codes(const int8_t* codes) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes))));
 }
 
-inline __m512 load_scales(const at::BFloat16* p) {  // 16 bf16 scales as float32
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+// n codes -> the same n values as bf16 words (exact: |code| <= 127)
+inline void widen_codes(const int8_t* codes, uint32_t* words, int64_t n) {
+  for (int64_t i = 0; i < n; i += 32)
+    _mm512_storeu_si512(words + i / 2, (__m512i)_mm512_cvtne2ps_pbh(load_codes(codes + i + 16), load_codes(codes + i)));
 }
 
 // An int8 tile (K: values = false, V: true) dequantized into bf16 words (code * its key's scale, rounded once):
@@ -160,10 +157,7 @@ inline void dequantize_tile(const int8_t* codes, const float* scale, bool values
     pattern[0][i] = scale[i / 2];
     pattern[1][i] = scale[8 + i / 2];
   }
-  auto widen = [](const int8_t* c, __m512 s) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), s);
-  };
+  auto widen = [](const int8_t* c, __m512 s) { return _mm512_mul_ps(load_codes(c), s); };
   if (!values) {  // [dim / 2][16 keys][2]: 32 codes per pair of dimensions, keys 0-7 then 8-15
     const __m512 low = _mm512_load_ps(pattern[0]), high = _mm512_load_ps(pattern[1]);
     for (int64_t p = 0; p < dim / 2; ++p)
@@ -195,15 +189,15 @@ inline void code_tiles(const int8_t* k, const int8_t* v, const at::BFloat16* k_s
       _mm512_storeu_ps(value_scale + kTile * c, _mm512_setzero_ps());
       continue;
     }
-    const int64_t slot = static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size;
+    const int64_t slot = slot_of(table, key, block_size);
     uint32_t* key_words = widened + c * 8 * dim;
     uint32_t* value_words = widened + (4 + c) * 8 * dim;
     widen_codes(k + slot * dim, key_words, kTile * dim);
     widen_codes(v + slot * dim, value_words, kTile * dim);
     key_tiles[c] = key_words;
     value_tiles[c] = value_words;
-    _mm512_storeu_ps(key_scale + kTile * c, load_scales(k_scales + slot));
-    _mm512_storeu_ps(value_scale + kTile * c, load_scales(v_scales + slot));
+    _mm512_storeu_ps(key_scale + kTile * c, load_bf16(k_scales + slot));
+    _mm512_storeu_ps(value_scale + kTile * c, load_bf16(v_scales + slot));
   }
 }
 
@@ -221,7 +215,7 @@ inline void scale_probabilities(at::BFloat16* probabilities, int64_t rows, const
   for (int64_t r = 0; r < rows; ++r)
     for (int c = 0; c < 4; ++c) {
       at::BFloat16* p = probabilities + r * kKeyBlock + 16 * c;
-      const __m512 scaled = _mm512_mul_ps(load_scales(p), _mm512_loadu_ps(value_scale + 16 * c));
+      const __m512 scaled = _mm512_mul_ps(load_bf16(p), _mm512_loadu_ps(value_scale + 16 * c));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(scaled));
     }
 }
@@ -237,7 +231,7 @@ inline void cache_tiles(const at::BFloat16* k, const at::BFloat16* v, const int3
       key_tiles[c] = value_tiles[c] = zeros;
       continue;
     }
-    const int64_t slot = static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size;
+    const int64_t slot = slot_of(table, key, block_size);
     key_tiles[c] = reinterpret_cast<const uint32_t*>(k + slot * dim);
     value_tiles[c] = reinterpret_cast<const uint32_t*>(v + slot * dim);
   }

@@ -37,9 +37,7 @@
 
 namespace {
 
-inline int64_t slot_of(const int32_t* table, int64_t position, int64_t block_size) {
-  return static_cast<int64_t>(table[position / block_size]) * block_size + position % block_size;
-}
+using swiftkv_common::slot_of;
 
 #if defined(__AVX512BF16__)
 using namespace swiftkv_tiles;
