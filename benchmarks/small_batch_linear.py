@@ -85,6 +85,16 @@ def decode_step_ms(engine: LLMEngine, prompts: list[list[int]], steps: int) -> f
     return 1e3 * statistics.median(times)
 
 
+def alternating_medians(engines: dict, prompts: list[list[int]], rounds: int, steps: int) -> dict:
+    """Each engine's median decode-step ms, timed in `rounds` alternating rounds (side by side, as this
+    machine's speed drifts)."""
+    times = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, running in engines.items():
+            times[name].append(decode_step_ms(running, prompts, steps))
+    return {name: statistics.median(ms) for name, ms in times.items()}
+
+
 def engine_rounds(args) -> dict:
     tokenizer = load_tokenizer(args.model)
     text = tokenizer(data_file("wikitext2_test_raw.txt").read_text()[:400_000], add_special_tokens=False).input_ids
@@ -93,11 +103,8 @@ def engine_rounds(args) -> dict:
         engines = {kernel: engine(args, kind, kernel, tokenizer) for kernel in (False, True)}
         for case, (streams, keys) in ENGINE_CASES.items():
             prompts = [text[i * 997:i * 997 + keys] for i in range(streams)]
-            times = {kernel: [] for kernel in engines}
-            for _ in range(args.engine_rounds):
-                for kernel, running in engines.items():
-                    times[kernel].append(decode_step_ms(running, prompts, args.engine_steps))
-            row = {"without_kernel_ms": statistics.median(times[False]), "kernel_ms": statistics.median(times[True])}
+            medians = alternating_medians(engines, prompts, args.engine_rounds, args.engine_steps)
+            row = {"without_kernel_ms": medians[False], "kernel_ms": medians[True]}
             row["speedup"] = row["without_kernel_ms"] / row["kernel_ms"]
             results.setdefault(kind, {})[case] = row
             print(kind, case, {k: round(v, 2) for k, v in row.items()}, flush=True)
