@@ -1,4 +1,4 @@
-"""The engine's KV-cache formats on CPU, side by side: bf16, int8 and int7 (csrc/bf16_tiles.h), all tiled.
+"""The engine's KV-cache formats on CPU, side by side: bf16 and int8, both tiled (csrc/bf16_tiles.h).
 
   kernel    decode attention per layer (SmolLM2-135M's heads: 9 query heads over 3 KV heads of 64), one row and
             `--rows` rows of `--contexts` keys, each call on another layer's slots (read from memory, as a
@@ -8,8 +8,8 @@
             alternating rounds (this machine's speed drifts by tens of percent from minute to minute);
   quality   what the 8-bit formats cost: `--windows` WikiText-2 windows of `--context` tokens prefilled, then
             the next `--forced` tokens of the text fed one decode step at a time (teacher forcing, so every
-            format sees the same tokens); top-1 agreement of each format's next-token choice with the bf16
-            cache's, and the mean KL divergence from it.
+            format sees the same tokens); top-1 agreement of int8's next-token choice with the bf16 cache's,
+            and the mean KL divergence from it.
 Writes JSON and a PNG.
 
   python benchmarks/kv_cache_formats.py
@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams, paged_attention_cpu
-from swiftkv.engine.model_runner import INT7_OFFSET
 from swiftkv.engine.sequence import Chunk, Sequence
 from swiftkv.eval.data import data_file
 from swiftkv.loading import DEFAULT_MODEL, load_model, load_tokenizer
@@ -35,20 +34,17 @@ from swiftkv.plotting import png_figure
 from decode_attention import GROUP, HEAD_DIM, KV_HEADS, LAYERS, one_thread, timed
 from small_batch_linear import alternating_medians
 
-FORMATS = ("auto", "int8", "int7")  # the engine's kv_cache_dtype: auto is the model's bf16
-LABELS = {"auto": "bf16", "int8": "int8", "int7": "int7"}
+FORMATS = ("auto", "int8")  # the engine's kv_cache_dtype: auto is the model's bf16
+LABELS = {"auto": "bf16", "int8": "int8"}
 ENGINE_CASES = {"1 stream, 2000 keys": (1, 2000), "16 streams, 2000 keys": (16, 2000)}
 
 
 def stored(states: torch.Tensor, kv_cache_dtype: str) -> tuple[torch.Tensor, dict]:
-    """`[..., slots, d]` bf16 states as the engine stores them (codes and bf16 scales for the 8-bit formats)."""
+    """`[..., slots, d]` bf16 states as the engine stores them (int8: codes and their bf16 scales)."""
     if kv_cache_dtype == "auto":
         return states, {}
-    top = 127 if kv_cache_dtype == "int8" else 63
-    scale = (states.float().abs().amax(-1, keepdim=True) / top).bfloat16()
-    codes = (states.float() / scale.float()).round().clamp(-top, top)
-    codes = codes.to(torch.int8) if kv_cache_dtype == "int8" else (codes + INT7_OFFSET).to(torch.uint8)
-    return codes, {"scale": scale}
+    scale = (states.float().abs().amax(-1, keepdim=True) / 127).bfloat16()
+    return (states.float() / scale.float()).round().clamp(-127, 127).to(torch.int8), {"scale": scale}
 
 
 def kernel_rounds(args) -> dict:
@@ -75,9 +71,8 @@ def kernel_rounds(args) -> dict:
                                                               counts[:rows], 16, HEAD_DIM ** -0.5, tiled=True,
                                                               **scales)
 
-        for kv_cache_dtype in ("int8", "int7"):  # each format reads what its codes hold
-            torch.testing.assert_close(attend(kv_cache_dtype, 0, args.rows).float(),
-                                       attend("auto", 0, args.rows).float(), atol=0.1, rtol=0.1)
+        torch.testing.assert_close(attend("int8", 0, args.rows).float(), attend("auto", 0, args.rows).float(),
+                                   atol=0.1, rtol=0.1)
         row = {}
         for kv_cache_dtype in FORMATS:
             name = LABELS[kv_cache_dtype]
@@ -131,13 +126,11 @@ def quality(args, engines: dict, text: list[int]) -> dict:
     logits = {kv_cache_dtype: [forced_logits(running, w[:args.context], w[args.context:]) for w in windows]
               for kv_cache_dtype, running in engines.items()}
     reference = torch.cat(logits["auto"])
-    results = {}
-    for kv_cache_dtype in ("int8", "int7"):
-        ours = torch.cat(logits[kv_cache_dtype])
-        kl = F.kl_div(ours.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="none").sum(-1)
-        results[LABELS[kv_cache_dtype]] = {"top1_agreement": (ours.argmax(-1) == reference.argmax(-1)).float().mean().item(),
-                                           "mean_kl": kl.mean().item(), "positions": len(ours)}
-        print("quality", kv_cache_dtype, results[LABELS[kv_cache_dtype]], flush=True)
+    ours = torch.cat(logits["int8"])
+    kl = F.kl_div(ours.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    results = {"int8": {"top1_agreement": (ours.argmax(-1) == reference.argmax(-1)).float().mean().item(),
+                        "mean_kl": kl.mean().item(), "positions": len(ours)}}
+    print("quality", results, flush=True)
     return results
 
 
@@ -159,8 +152,8 @@ def plot(results: dict, path: Path, rows: int) -> None:
         for i, name in enumerate(LABELS.values()):
             agreement = results["quality"].get(name, {}).get("top1_agreement")
             label = name if agreement is None else f"{name} (top-1 agreement {agreement:.3f})"
-            engine_axes.bar([c + 0.25 * (i - 1) for c in range(len(cases))],
-                            [results["engine_decode_step_ms"][case][name] for case in cases], 0.25, label=label)
+            engine_axes.bar([c + 0.3 * (i - 0.5) for c in range(len(cases))],
+                            [results["engine_decode_step_ms"][case][name] for case in cases], 0.3, label=label)
         engine_axes.set_xticks(range(len(cases)), cases)
         engine_axes.set_ylabel("ms per eager decode step (median)")
         engine_axes.set_title("engine decode steps (base model), alternating rounds")

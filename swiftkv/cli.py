@@ -105,8 +105,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prefill-tokens", type=int, default=defaults.max_prefill_tokens,
                         help="prompt tokens per step (default: 1024 on a CPU, 8192 on a GPU)")
     parser.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype, choices=KV_CACHE_DTYPES,
-                        help="int8, int7 or fp8 (e4m3): 8-bit K/V with per-token scales (about 2x the tokens "
-                             "in the same memory); int7 has half int8's steps and decodes faster on CPUs")
+                        help="int8 or fp8 (e4m3): 8-bit K/V with per-token scales (about 2x the tokens in the "
+                             "same memory)")
     parser.add_argument("--weights", default=defaults.weights, choices=WEIGHT_FORMATS,
                         help="int8 / int4: weight-only quantized projections and lm_head, for faster decode "
                              "on CPU (auto: as loaded in --dtype)")

@@ -13,7 +13,6 @@ from swiftkv.engine import paged_attention_cpu
 
 from conftest import make_base_model
 from swiftkv.convert import convert_to_swiftkv
-from swiftkv.engine.model_runner import INT7_OFFSET
 from swiftkv.engine.sequence import Chunk
 
 from test_engine import GREEDY, engine_for, hf_greedy, prompts, reserved_sequences, run, swiftkv_model
@@ -196,12 +195,11 @@ def test_both_kernels_read_a_tiled_cache_as_attention_over_its_slots(heads, kv_h
 
 
 @tiled_path
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, torch.uint8])  # bf16 K/V, or 8-bit codes
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])  # bf16 K/V, or an int8 cache's codes
 def test_a_tiled_write_puts_each_token_where_tiling_the_slot_ordered_cache_puts_it(dtype):
     generator = torch.Generator().manual_seed(2)
     slots = torch.randperm(40 * 16, generator=generator)[:50]
-    states = (torch.randn(50, 2, 3, 64, generator=generator) * 40).clamp(0 if dtype == torch.uint8 else -127, 127)
-    states = states.to(dtype).permute(1, 2, 0, 3)
+    states = (torch.randn(50, 2, 3, 64, generator=generator) * 40).clamp(-127, 127).to(dtype).permute(1, 2, 0, 3)
     for values in (False, True):
         tiled, slot_ordered = torch.zeros(3, 3, 40 * 16, 64, dtype=dtype), torch.zeros(3, 3, 40 * 16, 64, dtype=dtype)
         paged_attention_cpu.write_tiled_kv_cache(tiled, 1, 3, slots, states, values)
@@ -210,12 +208,11 @@ def test_a_tiled_write_puts_each_token_where_tiling_the_slot_ordered_cache_puts_
 
 
 @tiled_path
-@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int7"])
-def test_a_tiled_8_bit_write_quantizes_bf16_states_as_the_runner_does(kv_cache_dtype):
-    """The C++ write of an 8-bit cache computes the codes and scales of `ModelRunner._encoded` (bf16 arithmetic)."""
+def test_a_tiled_int8_write_quantizes_bf16_states_as_the_runner_does():
+    """The C++ write of an int8 cache computes the codes and scales of `ModelRunner._encoded` (bf16 arithmetic)."""
     generator = torch.Generator().manual_seed(6)
     runner = engine_for(make_base_model("llama", hidden_size=128).bfloat16(), dtype="bfloat16", block_size=16,
-                        kv_cache_dtype=kv_cache_dtype).runner
+                        kv_cache_dtype="int8").runner
     slots = torch.randperm(runner.k_cache.shape[2], generator=generator)[:40] + 16  # past the scratch block
     slots = slots[slots < runner.k_cache.shape[2]]
     states = torch.randn(len(slots), 2, runner.num_kv_heads, runner.head_dim, generator=generator).bfloat16()
@@ -270,26 +267,20 @@ def test_the_engine_tiles_bf16_caches_and_gets_the_logits_of_pytorch_attention(m
         torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=2e-2)
 
 
-def eight_bit_codes(cache: torch.Tensor, kv_cache_dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(stored codes, their values, bf16 scales `[kv_heads, slots, 1]`) of `[kv_heads, slots, d]`, as the engine's
-    int8 cache (codes in [-127, 127]) or int7 cache (codes in [-63, 63], stored + 64) holds them."""
-    top = 127 if kv_cache_dtype == "int8" else 63
-    scale = (cache.float().abs().amax(-1, keepdim=True) / top).bfloat16()
-    codes = (cache.float() / scale.float()).round().clamp(-top, top)
-    stored = codes.to(torch.int8) if kv_cache_dtype == "int8" else (codes + INT7_OFFSET).to(torch.uint8)
-    return stored, codes * scale.float(), scale
+def int8_codes(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes of `[kv_heads, slots, d]` and their bf16 scales `[kv_heads, slots, 1]`, as the engine's int8 cache."""
+    scale = (cache.float().abs().amax(-1, keepdim=True) / 127).bfloat16()
+    return (cache.float() / scale.float()).round().clamp(-127, 127).to(torch.int8), scale
 
 
 @tiled_path
-@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int7"])
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [(9, 3, 64, 16), (32, 8, 128, 16), (4, 2, 96, 32)])
-def test_both_kernels_read_a_tiled_8_bit_cache_as_attention_over_its_dequantized_slots(heads, kv_heads, head_dim,
-                                                                                       block_size, kv_cache_dtype):
+def test_both_kernels_read_a_tiled_int8_cache_as_attention_over_its_dequantized_slots(heads, kv_heads, head_dim,
+                                                                                      block_size):
     generator = torch.Generator().manual_seed(3)
     num_blocks, scale = 200, head_dim ** -0.5
     k_cache, v_cache = random_caches(kv_heads, num_blocks * block_size, head_dim, torch.bfloat16, generator)
-    (k_codes, k_values, k_scale), (v_codes, v_values, v_scale) = (eight_bit_codes(cache, kv_cache_dtype)
-                                                                  for cache in (k_cache, v_cache))
+    (k_codes, k_scale), (v_codes, v_scale) = int8_codes(k_cache), int8_codes(v_cache)
     key_counts = torch.tensor([1, 37, 64, 65, 5 * block_size, 1100], dtype=torch.int32)
     tables = torch.stack([torch.randperm(num_blocks, generator=generator)[:-(-1100 // block_size)]
                           for _ in key_counts]).int()
@@ -298,6 +289,7 @@ def test_both_kernels_read_a_tiled_8_bit_cache_as_attention_over_its_dequantized
     v_tiled = paged_attention_cpu.tile_cache(v_codes, values=True)
     output = paged_attention_cpu.paged_decode_attention(query, k_tiled, v_tiled, tables, key_counts, block_size, scale,
                                                         tiled=True, k_scale=k_scale, v_scale=v_scale)
+    k_values, v_values = k_codes * k_scale.float(), v_codes * v_scale.float()
     expected = attention_over_gathered_keys(query.float(), k_values, v_values, tables, key_counts, block_size, scale)
     torch.testing.assert_close(output.float(), expected, atol=1e-2, rtol=1e-2)
     for keys, queries in [(1, 1), (37, 37), (300, 300), (1000, 45)]:  # prompts and continuing chunks
@@ -310,17 +302,16 @@ def test_both_kernels_read_a_tiled_8_bit_cache_as_attention_over_its_dequantized
 
 
 @tiled_path
-@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int7"])
 @pytest.mark.parametrize("swiftkv", [False, True])
-def test_the_engine_tiles_8_bit_caches_and_gets_the_logits_of_its_slot_ordered_cache(swiftkv, kv_cache_dtype):
-    """An 8-bit cache in tiles (decode rows and prompt chunks through the kernels) computes what the slot-ordered
-    cache of the same codes computes through PyTorch (blocks of 8 slots cannot be tiled)."""
+def test_the_engine_tiles_int8_caches_and_gets_the_logits_of_its_slot_ordered_int8_cache(swiftkv):
+    """An int8 cache in tiles (decode rows and prompt chunks through the kernels) computes what the slot-ordered
+    int8 cache computes through PyTorch (blocks of 8 slots cannot be tiled)."""
     model = make_base_model("llama", hidden_size=128).bfloat16()
     if swiftkv:
         model = convert_to_swiftkv(model, 2, 1)
 
     def logits(block_size):
-        engine = engine_for(model, dtype="bfloat16", block_size=block_size, kv_cache_dtype=kv_cache_dtype)
+        engine = engine_for(model, dtype="bfloat16", block_size=block_size, kv_cache_dtype="int8")
         return prompt_and_decode_logits(engine), engine.runner.tiled_cache
 
     (tiled_logits, tiled), (slot_logits, slot_ordered_tiled) = logits(16), logits(8)

@@ -13,7 +13,7 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 32             # sequences decoding at once
     max_prefill_tokens: Optional[int] = None  # prompt tokens per step; None: 1024 on a CPU, 8192 on a GPU
-    kv_cache_dtype: str = "auto"       # "int8" / "int7" / "fp8" (e4m3): 8-bit K/V, per-token scales, ~2x the tokens
+    kv_cache_dtype: str = "auto"       # "int8" / "fp8" (e4m3): 8-bit K/V with per-token scales, ~2x the tokens
     reserve_output_tokens: bool = True  # admit a prompt only with KV room for every max_tokens: no preemption
     device: str = "auto"               # auto: CUDA when present; cpu, cuda, cuda:N
     weights: str = "auto"              # "int8" / "int4": weight-only quantized projections (engine/quantized.py)

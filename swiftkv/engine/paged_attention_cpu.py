@@ -98,9 +98,8 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
     query `[rows, heads, d]`; k_cache/v_cache one entry's `[kv_heads, slots, d]` (slot = block * block_size +
     offset); block_tables `[rows, >= max blocks]` int32; key_counts `[rows]` int32 (>= 1 each) ->
-    `[rows, heads * d]` in the query's dtype; `tiled`: the caches are tiled (`tile_cache`). An 8-bit cache
-    (tiled, bf16 queries) holds codes whose values are codes * k_scale / v_scale, `[kv_heads, slots, 1]` bf16:
-    int8 codes, or uint8 bytes holding 7-bit codes + 64 (`kv_cache_dtype="int7"`, read without a conversion step).
+    `[rows, heads * d]` in the query's dtype; `tiled`: the caches are tiled (`tile_cache`). An int8 cache
+    (tiled, bf16 queries) holds codes whose values are codes * k_scale / v_scale, `[kv_heads, slots, 1]` bf16.
     Call `available()` first (it builds the kernel)."""
     return torch.ops.swiftkv_cpu.paged_decode_attention(query, k_cache, v_cache, block_tables, key_counts,
                                                          block_size, scale, tiled, k_scale, v_scale)
@@ -117,7 +116,7 @@ def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                       k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A prompt chunk's queries `[n, heads, d]`, at positions `[keys - n, keys)`, causal over their sequence's
     first `keys` keys, read through its block table `[>= keys / block_size]` int32 from one entry's
-    `[kv_heads, slots, d]` caches (tiled with `tiled`; 8-bit codes with `k_scale`/`v_scale`, as
+    `[kv_heads, slots, d]` caches (tiled with `tiled`; int8 codes with `k_scale`/`v_scale`, as
     `paged_decode_attention`) -> `[n, heads * d]` in the query's dtype. Call `available()` first."""
     return torch.ops.swiftkv_cpu.prefill_attention(query, k_cache, v_cache, block_table, keys, block_size, scale,
                                                    tiled, k_scale, v_scale)
@@ -147,6 +146,6 @@ def write_tiled_kv_cache(cache: torch.Tensor, first: int, last: int, slots: torc
                          values: bool, scales: Optional[torch.Tensor] = None) -> None:
     """`states` `[entries, kv_heads, tokens, d]` (K, or V with `values`; of the cache's dtype) into the tiled cache
     entries `[first, last)` of `cache` `[entries, kv_heads, slots, d]` at `slots` `[tokens]`, in place. With
-    `scales` (`[entries, kv_heads, slots, 1]` bf16), bf16 states are quantized into an 8-bit cache (int8, or uint8
-    for 7-bit codes) on the way, each token and head as `ModelRunner._encoded` does, and their scales written."""
+    `scales` (`[entries, kv_heads, slots, 1]` bf16), bf16 states are quantized into an int8 cache on the way, each
+    token and head as `ModelRunner._encoded` does, and their scales written."""
     torch.ops.swiftkv_cpu.write_tiled_kv_cache(cache, first, last, slots, states, values, scales)

@@ -8,19 +8,14 @@
 
 namespace swiftkv_common {
 
-// A 7-bit KV cache stores code + kCodeOffset per byte, codes in [-63, 63] (bf16_tiles.h says why)
-constexpr int kCodeOffset = 64;
-
 // query [rows, heads, head_dim] against one cache entry's k_cache/v_cache [kv_heads, slots, head_dim], of the
-// query's dtype or (codes) 8-bit: int8, or a 7-bit cache's uint8
+// query's dtype or (codes) int8
 inline void check_query_and_caches(const torch::Tensor& query, const torch::Tensor& k_cache,
                                    const torch::Tensor& v_cache, int64_t block_size, bool codes = false) {
   TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "query and caches must be 3-d");
-  const auto cache_type = k_cache.scalar_type();
-  TORCH_CHECK(v_cache.scalar_type() == cache_type &&
-                  (codes ? cache_type == at::kChar || cache_type == at::kByte : cache_type == query.scalar_type()),
-              codes ? "8-bit caches expected: int8, or uint8 holding 7-bit codes"
-                    : "query and caches must share a dtype");
+  const auto cache_type = codes ? at::kChar : query.scalar_type();
+  TORCH_CHECK(k_cache.scalar_type() == cache_type && v_cache.scalar_type() == cache_type,
+              codes ? "int8 caches expected" : "query and caches must share a dtype");
   TORCH_CHECK(query.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
               "head_dim must be contiguous");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have one shape");
@@ -50,10 +45,10 @@ inline int64_t slot_of(const int32_t* table, int64_t position, int64_t block_siz
   return static_cast<int64_t>(table[position / block_size]) * block_size + position % block_size;
 }
 
-// An 8-bit cache is read tiled, with bf16 scales [kv_heads, slots(, 1)] for K and V
+// An int8 cache is read tiled, with bf16 scales [kv_heads, slots(, 1)] for K and V
 inline void check_scales(bool tiled, const torch::Tensor& k_cache, const torch::Tensor& k_scale,
                          const c10::optional<torch::Tensor>& v_scale) {
-  TORCH_CHECK(tiled && v_scale.has_value() && v_scale->defined(), "an 8-bit KV cache is read tiled, with both scales");
+  TORCH_CHECK(tiled && v_scale.has_value() && v_scale->defined(), "an int8 KV cache is read tiled, with both scales");
   TORCH_CHECK(k_scale.scalar_type() == at::kBFloat16 && v_scale->scalar_type() == at::kBFloat16 &&
                   k_scale.is_contiguous() && v_scale->is_contiguous() &&
                   k_scale.numel() == k_cache.size(0) * k_cache.size(1) && v_scale->numel() == k_scale.numel(),

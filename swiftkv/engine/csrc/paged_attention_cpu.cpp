@@ -376,18 +376,15 @@ void decode(const torch::Tensor& query, const torch::Tensor& k_cache, const torc
 // bf16 rows over a tiled cache (bf16_tiles.h): tasks as in decode(), each walking its share of keys (a multiple
 // of 64) a key block at a time with the prompt kernel's building blocks, the group's query heads as the rows,
 // and an online softmax; no transposes or unpacks, since the tiles are already in the order vdpbf16ps reads.
-// An 8-bit cache holds codes in the same tiles with a bf16 scale per slot and head (k_scales/v_scales
-// [kv_heads, slots]); the key scales multiply the scores and the value scales the probabilities. int8 codes
-// (Cache = int8_t) are widened to bf16 on the stack a block at a time (codes are exact in bf16); a 7-bit cache's
-// bytes (Cache = uint8_t) are widened in registers as the products read them, and the constant that widening
-// adds is taken off each row once per block.
+// An int8 cache (Cache = int8_t) holds codes in the same tiles with a bf16 scale per slot and head
+// (k_scales/v_scales [kv_heads, slots]): each block's tiles are widened to bf16 on the stack (codes are exact in
+// bf16), the key scales multiply the scores and the value scales the probabilities.
 template <typename Cache>
 void decode_tiled(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                   const torch::Tensor& block_tables, const torch::Tensor& key_counts, torch::Tensor& out,
                   int64_t block_size, double scale, const at::BFloat16* k_scales, const at::BFloat16* v_scales) {
   using namespace swiftkv_tiles;
-  constexpr bool kInt8 = std::is_same_v<Cache, int8_t>, kInt7 = std::is_same_v<Cache, uint8_t>;
-  using Word = std::conditional_t<kInt7, uint8_t, uint32_t>;  // what the products read: 7-bit codes or bf16 words
+  constexpr bool kCodes = std::is_same_v<Cache, int8_t>;
   const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(2), pairs = dim / 2;
   const int64_t kv_heads = k_cache.size(0), group = heads / kv_heads, slots = k_cache.size(1);
   const int64_t width = block_tables.size(1);
@@ -401,54 +398,42 @@ void decode_tiled(const torch::Tensor& query, const torch::Tensor& k_cache, cons
   const int32_t longest = *std::max_element(counts, counts + rows);
   const int64_t splits = key_splits(rows * kv_heads, longest), tasks = rows * kv_heads * splits;
   std::vector<float> partial(tasks * group * dim), best(tasks * group), total(tasks * group);
-  // stand in for the tiles past a share's last key (16 keys of bf16 words or of codes)
-  const std::vector<uint32_t> zeros(8 * dim, 0u);
-  const Word* zero_words = reinterpret_cast<const Word*>(zeros.data());
-  const Cache* zero_codes = reinterpret_cast<const Cache*>(zeros.data());
+  const std::vector<uint32_t> zeros(8 * dim, 0u);  // stands in for the tiles past a share's last key
 
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(group * kKeyBlock), correction(group), offsets(group), sums(group);
+    std::vector<float> scores(group * kKeyBlock), correction(group);
     std::vector<at::BFloat16> probabilities(group * kKeyBlock);
     std::vector<const uint32_t*> queries(group);
-    std::vector<uint32_t> widened(kInt8 ? 2 * 4 * 8 * dim : 0);  // an int8 block's 4 K then 4 V tiles, as bf16
+    std::vector<uint32_t> widened(kCodes ? 2 * 4 * 8 * dim : 0);  // a block's 4 K then 4 V tiles, as bf16
     alignas(64) float key_scale[kKeyBlock], value_scale[kKeyBlock];
     for (int64_t task = begin; task < end; ++task) {
       const Share share = start_share(task, kv_heads, splits, counts, kKeyBlock, group, dim, partial, best, total);
       const int64_t row = share.row, kv = share.kv, first = share.first, last = share.last;
       float *acc = share.acc, *m = share.best, *l = share.total;
       if (first >= last) continue;
-      for (int64_t g = 0; g < group; ++g) {
-        const at::BFloat16* head = q + row * q_row + (kv * group + g) * q_head;
-        queries[g] = reinterpret_cast<const uint32_t*>(head);
-        if constexpr (kInt7) offsets[g] = static_cast<float>(scale) * kWidenedOffset * row_sum(head, dim);
-      }
+      for (int64_t g = 0; g < group; ++g)
+        queries[g] = reinterpret_cast<const uint32_t*>(q + row * q_row + (kv * group + g) * q_head);
       const int32_t* table = tables + row * width;
       for (int64_t k0 = first; k0 < last; k0 += kKeyBlock) {
-        const Word *key_tiles[4], *value_tiles[4];
-        if constexpr (kInt8) {
-          const int8_t *key_codes[4], *value_codes[4];
-          cache_tiles(k + kv * k_head, v + kv * v_head, table, block_size, dim, k0, last, zero_codes, key_codes,
-                      value_codes);
-          widen_tiles(key_codes, value_codes, zero_codes, dim, zeros.data(), widened.data(), key_tiles, value_tiles);
+        const uint32_t *key_tiles[4], *value_tiles[4];
+        if constexpr (kCodes) {
+          code_tiles(k + kv * k_head, v + kv * v_head, k_scales + kv * slots, v_scales + kv * slots, table,
+                     block_size, dim, k0, last, zeros.data(), widened.data(), key_tiles, value_tiles, key_scale,
+                     value_scale);
         } else {
-          cache_tiles(k + kv * k_head, v + kv * v_head, table, block_size, dim, k0, last, zero_words, key_tiles,
+          cache_tiles(k + kv * k_head, v + kv * v_head, table, block_size, dim, k0, last, zeros.data(), key_tiles,
                       value_tiles);
         }
-        if constexpr (kInt8 || kInt7)
-          tile_scales(k_scales + kv * slots, v_scales + kv * slots, table, block_size, k0, last, key_scale,
-                      value_scale);
         for (int64_t r = 0; r < group; r += kRows)
           score_rows<kRows>(static_cast<int>(std::min<int64_t>(kRows, group - r)), &queries[r], key_tiles, pairs,
                             static_cast<float>(scale), &scores[r * kKeyBlock]);
-        if constexpr (kInt8 || kInt7) scale_scores(scores.data(), group, key_scale, kInt7 ? offsets.data() : nullptr);
+        if constexpr (kCodes) scale_scores(scores.data(), group, key_scale);
         __mmask16 visible[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
         if (k0 + kKeyBlock > last) visible_lanes(last - k0, visible);
         for (int64_t g = 0; g < group; ++g)
           softmax_block(&scores[g * kKeyBlock], visible, m[g], l[g], correction[g], &probabilities[g * kKeyBlock]);
-        if constexpr (kInt8 || kInt7)
-          scale_probabilities(probabilities.data(), group, value_scale, kInt7 ? sums.data() : nullptr);
+        if constexpr (kCodes) scale_probabilities(probabilities.data(), group, value_scale);
         add_block_values(group, value_tiles, dim, probabilities.data(), correction.data(), acc);
-        if constexpr (kInt7) remove_value_offsets(acc, group, dim, sums.data());
       }
     }
   });
@@ -465,7 +450,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& query, const torch::Te
                                      const torch::Tensor& key_counts, int64_t block_size, double scale, bool tiled,
                                      const c10::optional<torch::Tensor>& k_scale,
                                      const c10::optional<torch::Tensor>& v_scale) {
-  const bool codes = k_scale.has_value() && k_scale->defined();  // an 8-bit cache, with bf16 scales
+  const bool codes = k_scale.has_value() && k_scale->defined();  // an int8 cache, with bf16 scales
   swiftkv_common::check_query_and_caches(query, k_cache, v_cache, block_size, codes);
   swiftkv_common::check_tiled(tiled, query, k_cache, block_size);
   if (codes) swiftkv_common::check_scales(tiled, k_cache, *k_scale, v_scale);
@@ -478,12 +463,8 @@ torch::Tensor paged_decode_attention(const torch::Tensor& query, const torch::Te
   auto out = torch::empty({query.size(0), query.size(1), query.size(2)}, query.options());
 #if defined(__AVX512BF16__)
   if (codes) {
-    const at::BFloat16* k_scales = k_scale->data_ptr<at::BFloat16>();
-    const at::BFloat16* v_scales = v_scale->data_ptr<at::BFloat16>();
-    if (k_cache.scalar_type() == at::kByte)
-      decode_tiled<uint8_t>(query, k_cache, v_cache, tables, counts, out, block_size, scale, k_scales, v_scales);
-    else
-      decode_tiled<int8_t>(query, k_cache, v_cache, tables, counts, out, block_size, scale, k_scales, v_scales);
+    decode_tiled<int8_t>(query, k_cache, v_cache, tables, counts, out, block_size, scale,
+                         k_scale->data_ptr<at::BFloat16>(), v_scale->data_ptr<at::BFloat16>());
     return out.view({query.size(0), query.size(1) * query.size(2)});
   }
   if (tiled) {
@@ -506,16 +487,13 @@ void write_kv_cache(at::Tensor& cache, int64_t first, int64_t last, const at::Te
   cache.slice(0, first, last).index_copy_(2, slots, states);
 }
 
-// The same for a tiled cache (bf16_tiles.h; 8-bit codes in the same places): each token's K (values=false) or V
-// (values=true) into its slot's place in its tile. With `scales` (an 8-bit cache fed bf16 states), each token
-// and head is quantized on the way, as ModelRunner._encoded does in bf16 arithmetic (scale = absmax / top, code =
-// round(x / scale), top 127 for int8; 63 for a 7-bit cache, stored as code + 64), and its scale written to
-// scales[entry][head][slot]
+// The same for a tiled cache (bf16_tiles.h; int8 codes in the same places): each token's K (values=false) or V
+// (values=true) into its slot's place in its tile. With `scales` (an int8 cache fed bf16 states), each token and
+// head is quantized on the way, as ModelRunner._encoded does in bf16 arithmetic (scale = absmax / 127, code =
+// round(x / scale)), and its scale written to scales[entry][head][slot]
 template <typename T, typename Source>
 void write_tiles(at::Tensor& cache, int64_t first, int64_t last, const int64_t* slot_ids, int64_t tokens,
                  const at::Tensor& states, bool values, at::BFloat16* scales) {
-  constexpr float top = std::is_same_v<T, uint8_t> ? 63.f : 127.f;
-  constexpr float offset = std::is_same_v<T, uint8_t> ? swiftkv_common::kCodeOffset : 0.f;
   const int64_t kv_heads = cache.size(1), slot_count = cache.size(2), dim = cache.size(3);
   T* base = cache.data_ptr<T>();
   const Source* source = states.data_ptr<Source>();
@@ -533,15 +511,15 @@ void write_tiles(at::Tensor& cache, int64_t first, int64_t last, const int64_t* 
         const Source* x = source + entry * s0 + head * s1 + t * s2;
         if constexpr (std::is_same_v<T, Source>) {
           for (int64_t d = 0; d < dim; ++d) row[d] = x[d * s3];
-        } else {  // bf16 -> codes, each step rounded to bf16 as PyTorch's bf16 ops round it
-          float largest = 0.f;
-          for (int64_t d = 0; d < dim; ++d) largest = std::max(largest, std::fabs(static_cast<float>(x[d * s3])));
-          const float clamped = static_cast<float>(at::BFloat16(std::max(largest, 1e-8f)));
-          const at::BFloat16 scale(clamped / top);
+        } else {  // bf16 -> int8 codes, each step rounded to bf16 as PyTorch's bf16 ops round it
+          float top = 0.f;
+          for (int64_t d = 0; d < dim; ++d) top = std::max(top, std::fabs(static_cast<float>(x[d * s3])));
+          const float clamped = static_cast<float>(at::BFloat16(std::max(top, 1e-8f)));
+          const at::BFloat16 scale(clamped / 127.f);
           for (int64_t d = 0; d < dim; ++d) {
             const float ratio =
                 static_cast<float>(at::BFloat16(static_cast<float>(x[d * s3]) / static_cast<float>(scale)));
-            row[d] = static_cast<T>(std::clamp(std::nearbyint(ratio), -top, top) + offset);
+            row[d] = static_cast<T>(std::clamp(std::nearbyint(ratio), -127.f, 127.f));
           }
           scales[((first + entry) * kv_heads + head) * slot_count + slot] = scale;
         }
@@ -558,36 +536,30 @@ void write_tiles(at::Tensor& cache, int64_t first, int64_t last, const int64_t* 
 void write_tiled_kv_cache(at::Tensor& cache, int64_t first, int64_t last, const at::Tensor& slots,
                           const at::Tensor& states, bool values, const c10::optional<at::Tensor>& scales) {
   const bool quantize = scales.has_value() && scales->defined();
-  const auto type = cache.scalar_type();
-  const bool codes = type == at::kChar || type == at::kByte;
-  TORCH_CHECK((type == at::kBFloat16 || codes) && cache.is_contiguous() &&
-                  states.scalar_type() == (quantize ? at::kBFloat16 : type),
-              "a tiled cache is contiguous bf16, int8 or 7-bit codes (uint8); the states written to it share its "
-              "dtype, or are bf16 quantized into an 8-bit one with `scales`");
+  TORCH_CHECK((cache.scalar_type() == at::kBFloat16 || cache.scalar_type() == at::kChar) && cache.is_contiguous() &&
+                  states.scalar_type() == (quantize ? at::kBFloat16 : cache.scalar_type()),
+              "a tiled cache is contiguous bf16 or int8; the states written to it share its dtype, or are bf16 "
+              "quantized into an int8 one with `scales`");
   TORCH_CHECK(states.dim() == 4 && states.size(0) == last - first && states.size(1) == cache.size(1) &&
               states.size(2) == slots.numel() && states.size(3) == cache.size(3), "states must be [entries, kv_heads, "
               "tokens, head_dim] for entries [first, last) and one slot per token");
   const int64_t slot_count = cache.size(2), dim = cache.size(3), tokens = slots.numel();
   TORCH_CHECK(slot_count % 16 == 0 && dim % 2 == 0, "a tiled cache holds whole tiles of 16 slots and pairs of dims");
   if (quantize)
-    TORCH_CHECK(codes && scales->scalar_type() == at::kBFloat16 && scales->is_contiguous() &&
+    TORCH_CHECK(cache.scalar_type() == at::kChar && scales->scalar_type() == at::kBFloat16 && scales->is_contiguous() &&
                     scales->numel() == cache.size(0) * cache.size(1) * slot_count,
-                "scales must be contiguous bf16 [entries, kv_heads, slots(, 1)] for an 8-bit cache");
+                "scales must be contiguous bf16 [entries, kv_heads, slots(, 1)] for an int8 cache");
   const auto ids = slots.to(at::kLong).contiguous();
   const int64_t* slot_ids = ids.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t)
     TORCH_CHECK(slot_ids[t] >= 0 && slot_ids[t] < slot_count, "slot ", slot_ids[t], " is outside the cache");
-  at::BFloat16* scale_data = quantize ? scales->data_ptr<at::BFloat16>() : nullptr;
-  if (type == at::kBFloat16)
-    write_tiles<at::BFloat16, at::BFloat16>(cache, first, last, slot_ids, tokens, states, values, nullptr);
-  else if (type == at::kChar && quantize)
-    write_tiles<int8_t, at::BFloat16>(cache, first, last, slot_ids, tokens, states, values, scale_data);
-  else if (type == at::kChar)
+  if (quantize)
+    write_tiles<int8_t, at::BFloat16>(cache, first, last, slot_ids, tokens, states, values,
+                                      scales->data_ptr<at::BFloat16>());
+  else if (cache.scalar_type() == at::kChar)
     write_tiles<int8_t, int8_t>(cache, first, last, slot_ids, tokens, states, values, nullptr);
-  else if (quantize)
-    write_tiles<uint8_t, at::BFloat16>(cache, first, last, slot_ids, tokens, states, values, scale_data);
   else
-    write_tiles<uint8_t, uint8_t>(cache, first, last, slot_ids, tokens, states, values, nullptr);
+    write_tiles<at::BFloat16, at::BFloat16>(cache, first, last, slot_ids, tokens, states, values, nullptr);
 }
 
 // C++ operators: no Python on the call path, which a decode step would otherwise pay on every layer

@@ -75,9 +75,8 @@ void pack(const at::BFloat16* k, const at::BFloat16* v, int64_t k_head, int64_t 
   });
 }
 
-// pack() for an 8-bit tiled cache (int8 or 7-bit codes): each tile dequantized (code * scale), keys past `keys` zero
-template <typename Code>
-void pack_codes(const Code* k, const Code* v, const at::BFloat16* k_scales, const at::BFloat16* v_scales,
+// pack() for an int8 tiled cache: each tile dequantized (code * scale), keys past `keys` zero
+void pack_codes(const int8_t* k, const int8_t* v, const at::BFloat16* k_scales, const at::BFloat16* v_scales,
                 int64_t k_head, int64_t v_head, int64_t slots, const int32_t* table, int64_t block_size, int64_t keys,
                 int64_t kv_heads, int64_t dim, int64_t padded_keys, uint32_t* k_packed, uint32_t* v_packed) {
   const int64_t pairs = dim / 2, tiles = padded_keys / 16;
@@ -104,7 +103,7 @@ void pack_codes(const Code* k, const Code* v, const at::BFloat16* k_scales, cons
   });
 }
 
-// k_scales/v_scales: an 8-bit tiled cache's [kv_heads, slots] scales (its tiles are dequantized into the packed
+// k_scales/v_scales: an int8 tiled cache's [kv_heads, slots] scales (its tiles are dequantized into the packed
 // layout once per call: each key block serves every query row), else nullptr
 void prefill_bf16(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                   const int32_t* table, int64_t keys, int64_t block_size, float scale, bool tiled, torch::Tensor& out,
@@ -116,19 +115,16 @@ void prefill_bf16(const torch::Tensor& query, const torch::Tensor& k_cache, cons
   const bool codes = k_scales != nullptr;
   const at::BFloat16* k = codes ? nullptr : k_cache.data_ptr<at::BFloat16>();
   const at::BFloat16* v = codes ? nullptr : v_cache.data_ptr<at::BFloat16>();
+  const int8_t* k_codes = codes ? k_cache.data_ptr<int8_t>() : nullptr;
+  const int8_t* v_codes = codes ? v_cache.data_ptr<int8_t>() : nullptr;
   std::vector<uint32_t> k_packed, v_packed;
   const std::vector<uint32_t> zeros(8 * dim, 0u);
   if (!tiled || codes) {
     k_packed.resize(kv_heads * padded_keys * pairs);
     v_packed.resize(kv_heads * padded_keys / 2 * dim);
-    if (codes && k_cache.scalar_type() == at::kByte)
-      pack_codes(k_cache.data_ptr<uint8_t>(), v_cache.data_ptr<uint8_t>(), k_scales, v_scales, k_cache.stride(0),
-                 v_cache.stride(0), slots, table, block_size, keys, kv_heads, dim, padded_keys, k_packed.data(),
-                 v_packed.data());
-    else if (codes)
-      pack_codes(k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), k_scales, v_scales, k_cache.stride(0),
-                 v_cache.stride(0), slots, table, block_size, keys, kv_heads, dim, padded_keys, k_packed.data(),
-                 v_packed.data());
+    if (codes)
+      pack_codes(k_codes, v_codes, k_scales, v_scales, k_cache.stride(0), v_cache.stride(0), slots, table, block_size,
+                 keys, kv_heads, dim, padded_keys, k_packed.data(), v_packed.data());
     else
       pack(k, v, k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), table, block_size, keys,
            kv_heads, dim, padded_keys, k_packed.data(), v_packed.data());
@@ -252,7 +248,7 @@ torch::Tensor prefill_attention(const torch::Tensor& query, const torch::Tensor&
                                 const torch::Tensor& block_table, int64_t keys, int64_t block_size, double scale,
                                 bool tiled, const c10::optional<torch::Tensor>& k_scale,
                                 const c10::optional<torch::Tensor>& v_scale) {
-  const bool codes = k_scale.has_value() && k_scale->defined();  // an 8-bit cache, with bf16 scales
+  const bool codes = k_scale.has_value() && k_scale->defined();  // an int8 cache, with bf16 scales
   swiftkv_common::check_query_and_caches(query, k_cache, v_cache, block_size, codes);
   if (codes) swiftkv_common::check_scales(tiled, k_cache, *k_scale, v_scale);
   TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 1, "block_table must be 1-d int32");
@@ -275,7 +271,7 @@ torch::Tensor prefill_attention(const torch::Tensor& query, const torch::Tensor&
     return out.view({query.size(0), query.size(1) * query.size(2)});
   }
 #endif
-  TORCH_CHECK(!codes, "an 8-bit KV cache needs the AVX512-BF16 path");
+  TORCH_CHECK(!codes, "an int8 KV cache needs the AVX512-BF16 path");
   switch (query.scalar_type()) {
     case at::kBFloat16: prefill_plain<at::BFloat16>(query, k_cache, v_cache, blocks, keys, block_size, s, out); break;
     case at::kFloat: prefill_plain<float>(query, k_cache, v_cache, blocks, keys, block_size, s, out); break;
