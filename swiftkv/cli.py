@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", default=DEFAULT_MODEL, help="base model (default: %(default)s)")
     search.add_argument("--out", default="runs/smollm2-search", help="search directory (default: %(default)s)")
     search.add_argument("--depths", type=int, nargs="+",
-                        help="num_key_value_layers of each point (default: 1/3, 1/2, 2/3 and 4/5 of the layers)")
+                        help="num_key_value_layers of each point (default: 1/3, 1/2, 2/3, 4/5 and 14/15 of the layers)")
     search.add_argument("--group-sizes", type=int, nargs="+", default=[1], help="AcrossKV group sizes to try")
     search.add_argument("--max-quality-drop", type=float, default=1.0, metavar="POINTS",
                         help="accuracy points any task may lose (default: %(default)s)")

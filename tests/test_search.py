@@ -16,7 +16,9 @@ from swiftkv.search import SearchConfig, default_depths, pick, quality_drops, ru
 
 
 def row(point, speedup, **drops):
-    return {"point": point, "ttft_speedup": speedup, "drop_points": drops, "worst_drop_points": max(drops.values())}
+    depth, group = (int(part[1:]) for part in point.split("-"))
+    return {"point": point, "prefill_compute_saved": (30 - depth) / 30, "ttft_speedup": speedup, "drop_points": drops,
+            "worst_drop_points": max(drops.values())}
 
 
 def test_the_picker_chooses_the_fastest_point_whose_every_task_is_within_budget():
@@ -31,6 +33,25 @@ def test_the_picker_chooses_the_fastest_point_whose_every_task_is_within_budget(
     assert pick(frontier, -1.0) is None
 
 
+def test_the_picker_ranks_by_prefill_skipped_before_a_noisy_timing_and_by_timing_within_one_depth():
+    frontier = [row("l24-g1", 1.05, arc_easy=0.5), row("l28-g1", 1.07, arc_easy=0.2),  # timings out of order
+                row("l20-g1", 1.50, arc_easy=0.9), row("l20-g2", 1.62, arc_easy=0.9)]
+    assert pick(frontier, 0.6)["point"] == "l24-g1"
+    assert pick(frontier, 1.0)["point"] == "l20-g2"  # AcrossKV at the same depth: the measured faster one
+
+
+def test_the_frontier_says_when_the_chosen_point_was_not_measurably_faster_than_the_base():
+    def result(speedup):
+        point = {**row("l28-g1", speedup, arc_easy=0.8), "serving_speedup": 1.0,
+                 "held_out_agreement": 0.98, "drop_ci95_points": {"arc_easy": (0.8, 0.0, 1.8)}, "eval_rows": []}
+        return {"model": "m", "settings": {"max_quality_drop": 1.0}, "points": [point], "chosen": "l28-g1"}
+
+    slower = search.render_frontier(result(0.99))
+    assert "Chosen: **l28-g1**. Its TTFT in this run, 0.99x the base's, is not measurably faster" in slower
+    assert "(7%) is within the timing noise" in slower
+    assert "not measurably faster" not in search.render_frontier(result(1.06))
+
+
 def test_the_budget_counts_acc_norm_where_a_task_has_it_and_acc_otherwise():
     def eval_row(task, metric, difference):
         return {"task": task, "metric": metric, "difference": {"value": difference}}
@@ -42,7 +63,8 @@ def test_the_budget_counts_acc_norm_where_a_task_has_it_and_acc_otherwise():
 
 
 def test_default_depths_and_points_follow_the_layer_count_and_valid_group_sizes():
-    assert default_depths(30) == [10, 15, 20, 24]
+    assert default_depths(30) == [10, 15, 20, 24, 28]
+    assert default_depths(32) == [11, 16, 21, 26, 30]
     points = search_points(SearchConfig(depths=[3, 4], group_sizes=[1, 2]), num_layers=6)
     assert [p.name for p in points] == ["l3-g1", "l4-g1", "l4-g2"]  # 6 - 3 layers do not split in pairs
     with pytest.raises(ValueError, match="no valid point"):
