@@ -6,7 +6,7 @@
             floor is the row's K/V bytes (codes and their bf16 scales for 8-bit caches) at `--bandwidth` GB/s;
   engine    eager decode steps of the base model, 1 and 16 streams at ~2000 keys, one engine per format, in
             alternating rounds (this machine's speed drifts by tens of percent from minute to minute);
-  quality   what the 8-bit formats cost: `--windows` WikiText-2 windows of `--context` tokens prefilled, then
+  quality   what the int8 cache costs: `--windows` WikiText-2 windows of `--context` tokens prefilled, then
             the next `--forced` tokens of the text fed one decode step at a time (teacher forcing, so every
             format sees the same tokens); top-1 agreement of int8's next-token choice with the bf16 cache's,
             and the mean KL divergence from it.
