@@ -68,7 +68,8 @@ def _search(args: argparse.Namespace) -> int:
     from swiftkv.search import SearchConfig, default_depths, run_search
 
     depths = getattr(args, "depths", None) or default_depths(load_config(args.model).num_hidden_layers)
-    search_flags = {name: getattr(args, name) for name in ("group_sizes", "tasks", "ttft_tokens", "serving_requests")
+    flags = ("group_sizes", "tasks", "ttft_tokens", "serving_requests", "speed_rounds")
+    search_flags = {name: getattr(args, name) for name in flags
                     if getattr(args, name, None) is not None}  # unset (and `build --max-quality-drop`): defaults
     if args.eval_limit is not None:
         search_flags["eval_limit"] = args.eval_limit or None  # 0: every example
@@ -307,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--eval-limit", type=int, help="examples per task (default: 500; 0: all)")
     search.add_argument("--ttft-tokens", type=int, help="prompt length of the speed pass (default: 2048)")
     search.add_argument("--serving-requests", type=int, help="requests of the speed pass's serving run (default: 8)")
+    search.add_argument("--speed-rounds", type=int,
+                        help="rounds of the speed pass, each timing every system once (default: 3; medians)")
     _add_distill_config_flags(search)
     search.set_defaults(run=_search)
     return parser

@@ -5,8 +5,8 @@ Each point is a `swiftkv build` without its short evaluation (convert, distill) 
 then the public tasks side by side with the base (the same checkpoint with SwiftKV off, paired CIs) in its
 `quality/`. Every point shares the teacher corpus (one cache). A finished stage is never redone: a killed
 search run again with the same arguments continues where it stopped (a distillation from its last
-checkpoint). Then one speed pass times the base engine and every point in the same run (TTFT on a long
-prompt, serving throughput), so speed is reported as ratios measured side by side. It writes
+checkpoint). Then one speed pass times the base engine and every point in the same run, in alternating rounds
+(TTFT on a long prompt, serving throughput), so speed is reported as ratios measured side by side. It writes
 `frontier.json`, `frontier.md` and `frontier.png`, and `OUT/model` points at the chosen checkpoint.
 
 The budget counts accuracy points (x100) lost on each accuracy task (multiple choice: acc_norm; LAMBADA: acc);
@@ -17,6 +17,7 @@ point (data parallel) and the main process alone evaluates, times and writes the
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ class SearchConfig:
     serving_output_tokens: int = 64
     serving_rate: float = 1.0            # Poisson arrivals per second
     kv_cache_memory_gb: float = 0.25
+    speed_rounds: int = 3                # the speed pass times every system once per round, rounds alternating
 
 
 @dataclass(frozen=True)
@@ -157,14 +159,17 @@ def _frontier(model: str, out_dir: Path, points: list[Point], config: SearchConf
 
 def measure_speed(model: str, out_dir: Path, points: list[Point], config: SearchConfig) -> dict:
     """TTFT and serving throughput of the base engine and of each point, in one run (cached in speed.json
-    for this set of points and settings)."""
+    for this set of points and settings): every system once per round, over `speed_rounds` rounds, medians.
+    Alternating keeps a drift of the machine's speed (tens of percent over minutes on a busy host) from
+    landing on one system; one system after another, two passes ordered close points differently."""
     from swiftkv.engine import EngineConfig, LLMEngine
     from swiftkv.engine.measure import engine_ttft, poisson_arrivals, serve_engine
     from swiftkv.loading import load_model, load_tokenizer
 
     settings = {"points": [p.name for p in points], "ttft_tokens": config.ttft_tokens,
                 "serving_requests": config.serving_requests, "serving_output_tokens": config.serving_output_tokens,
-                "serving_rate": config.serving_rate, "kv_cache_memory_gb": config.kv_cache_memory_gb}
+                "serving_rate": config.serving_rate, "kv_cache_memory_gb": config.kv_cache_memory_gb,
+                "speed_rounds": config.speed_rounds}
     cache = out_dir / "speed.json"
     if cache.is_file() and json.loads(cache.read_text())["settings"] == settings:
         return json.loads(cache.read_text())
@@ -173,20 +178,26 @@ def measure_speed(model: str, out_dir: Path, points: list[Point], config: Search
     prompts = [torch.randint(len(tokenizer) // 4, len(tokenizer) // 2, (config.ttft_tokens,),
                              generator=generator).tolist() for _ in range(config.serving_requests)]
     arrivals = poisson_arrivals(config.serving_requests, config.serving_rate)
-    result = {"settings": settings, "threads": torch.get_num_threads()}
     systems = {"base": model, **{p.name: str(out_dir / "points" / p.name / "model") for p in points}}
-    for name, path in tqdm(systems.items(), desc="speed", unit="model"):
+    engines = {}  # per system: an engine for TTFT (the whole prompt in one step) and one for serving
+    for name, path in tqdm(systems.items(), desc="speed: loading", unit="model"):
         loaded = load_model(path, dtype="bfloat16")
         if name == "base" and hasattr(loaded.config, "swiftkv"):
             loaded.config.swiftkv = False
-        engine_config = EngineConfig(kv_cache_memory_gb=config.kv_cache_memory_gb,
-                                     max_prefill_tokens=config.ttft_tokens)
-        engine = LLMEngine(loaded, tokenizer, engine_config)
-        engine_ttft(engine, prompts[0][:64], 1)  # warm-up
-        ttft = engine_ttft(engine, prompts[0], 3)
-        serving = serve_engine(LLMEngine(loaded, tokenizer, EngineConfig(kv_cache_memory_gb=config.kv_cache_memory_gb)),
-                               prompts, arrivals, config.serving_output_tokens)
-        result[name] = {"ttft_s": ttft, "serving_tokens_per_s": serving["total_token_throughput"]}
+        ttft_engine = LLMEngine(loaded, tokenizer, EngineConfig(kv_cache_memory_gb=config.kv_cache_memory_gb,
+                                                                max_prefill_tokens=config.ttft_tokens))
+        engine_ttft(ttft_engine, prompts[0][:64], 1)  # warm-up
+        engines[name] = ttft_engine, LLMEngine(loaded, tokenizer,
+                                               EngineConfig(kv_cache_memory_gb=config.kv_cache_memory_gb))
+    times = {name: {"ttft_s": [], "serving_tokens_per_s": []} for name in systems}
+    for _ in tqdm(range(config.speed_rounds), desc="speed: rounds", unit="round"):
+        for name, (ttft_engine, serving_engine) in engines.items():
+            times[name]["ttft_s"].append(engine_ttft(ttft_engine, prompts[0], 1))
+            serving = serve_engine(serving_engine, prompts, arrivals, config.serving_output_tokens)
+            times[name]["serving_tokens_per_s"].append(serving["total_token_throughput"])
+    result = {"settings": settings, "threads": torch.get_num_threads(), "rounds": times}
+    for name, measured in times.items():
+        result[name] = {metric: statistics.median(values) for metric, values in measured.items()}
     cache.write_text(json.dumps(result, indent=2))
     return result
 

@@ -87,7 +87,7 @@ def test_a_killed_search_resumes_without_redoing_finished_points(tiny_base_dir, 
     monkeypatch.setenv("SWIFTKV_DATA_DIR", str(tiny_eval_data(tmp_path / "data")))
     config = SearchConfig(depths=[2, 4], tasks=["arc_easy", "lambada"], eval_limit=4, ttft_tokens=32,
                           serving_requests=2, serving_output_tokens=4, serving_rate=100.0, max_quality_drop=100.0,
-                          kv_cache_memory_gb=0.01)
+                          kv_cache_memory_gb=0.01, speed_rounds=2)
     distill_config = DistillConfig(corpus_prompts=40, corpus_max_new_tokens=8, max_steps=2, seq_length=16,
                                    micro_batch_size=2, eval_fraction=0.2, mixed_precision="no")
     out = tmp_path / "search"
@@ -116,6 +116,8 @@ def test_a_killed_search_resumes_without_redoing_finished_points(tiny_base_dir, 
     assert (out / "model").resolve() == (out / "points" / result["chosen"] / "model").resolve()
     assert "| l2-g1 | 67% |" in (out / "frontier.md").read_text() and (out / "frontier.png").stat().st_size > 0
     assert len(list((tmp_path / "cache").glob("teacher-corpus-*.jsonl"))) == 1  # one corpus for every point
+    rounds = json.loads((out / "speed.json").read_text())["rounds"]  # every system timed once per round
+    assert {name: len(times["ttft_s"]) for name, times in rounds.items()} == {"base": 2, "l2-g1": 2, "l4-g1": 2}
 
 
 def test_a_search_under_two_data_parallel_processes_distills_in_both_and_evaluates_once(tiny_base_dir, tmp_path):
