@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from swiftkv.engine import EngineConfig, LLMEngine, SamplingParams, paged_attention_cpu
+from swiftkv.engine.model_runner import encode_kv
 from swiftkv.engine.sequence import Chunk, Sequence
 from swiftkv.eval.data import data_file
 from swiftkv.loading import DEFAULT_MODEL, load_model, load_tokenizer
@@ -43,8 +44,8 @@ def stored(states: torch.Tensor, kv_cache_dtype: str) -> tuple[torch.Tensor, dic
     """`[..., slots, d]` bf16 states as the engine stores them (int8: codes and their bf16 scales)."""
     if kv_cache_dtype == "auto":
         return states, {}
-    scale = (states.float().abs().amax(-1, keepdim=True) / 127).bfloat16()
-    return (states.float() / scale.float()).round().clamp(-127, 127).to(torch.int8), {"scale": scale}
+    codes, scale = encode_kv(states, kv_cache_dtype)
+    return codes, {"scale": scale}
 
 
 def kernel_rounds(args) -> dict:

@@ -134,6 +134,16 @@ FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
+def encode_kv(states: torch.Tensor, kv_cache_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8-bit codes an int8 or fp8 cache stores for `states` `[..., d]`, and their scale per token and head
+    (absmax / the format's largest value), in the states' dtype."""
+    top = FP8_MAX if kv_cache_dtype == "fp8" else 127
+    scale = states.abs().amax(-1, keepdim=True).clamp(min=1e-8) / top
+    if kv_cache_dtype == "fp8":
+        return (states / scale).to(torch.float8_e4m3fn).view(torch.uint8), scale
+    return (states / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
 def check_supported(config) -> None:
     """Refuse, naming the field, a model this runner would not compute exactly: it attends over the whole
     context (no sliding window) and rotates each token once (no length-dependent RoPE)."""
@@ -217,17 +227,12 @@ class ModelRunner:
                 paged_attention_cpu.prefill_attention_is_fast(self.dtype, self.head_dim):
             self.prompt_kernel = paged_attention_cpu.prefill_attention
         # where both kernels have their vectorised paths, K/V are stored as the tiles they compute on
-        # (csrc/bf16_tiles.h): decode attention then needs no transposes (benchmarks/decode_attention.py)
-        self.tiled_cache = self.prompt_kernel is not None and \
+        # (csrc/bf16_tiles.h): decode attention then needs no transposes (benchmarks/decode_attention.py); an int8
+        # cache's codes sit in the same tiles (half the bytes per key), which both kernels turn back into bf16
+        self.tiled_cache = kv_cache_dtype in ("auto", "int8") and self.device.type == "cpu" and \
+            paged_attention_cpu.available() and \
             paged_attention_cpu.tiled_cache_is_supported(self.dtype, self.head_dim, block_size)
         if self.tiled_cache:
-            self.paged_kernel = functools.partial(paged_attention_cpu.paged_decode_attention, tiled=True)
-            self.prompt_kernel = functools.partial(paged_attention_cpu.prefill_attention, tiled=True)
-        # an int8 cache where a bf16 one would be tiled: the same tiles hold the codes (half the bytes per key),
-        # which both kernels turn back into bf16 as they read
-        elif kv_cache_dtype == "int8" and self.device.type == "cpu" and paged_attention_cpu.available() and \
-                paged_attention_cpu.tiled_cache_is_supported(self.dtype, self.head_dim, block_size):
-            self.tiled_cache = True
             self.paged_kernel = functools.partial(paged_attention_cpu.paged_decode_attention, tiled=True)
             self.prompt_kernel = functools.partial(paged_attention_cpu.prefill_attention, tiled=True)
         self.decode_graphs = None
@@ -427,12 +432,7 @@ class ModelRunner:
         return (stored.view(torch.float8_e4m3fn) if self.kv_cache_dtype == "fp8" else stored).to(self.dtype)
 
     def _encoded(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """8-bit codes of `states` and their scale per token and head (absmax / the format's largest value)."""
-        top = FP8_MAX if self.kv_cache_dtype == "fp8" else 127
-        scale = states.abs().amax(-1, keepdim=True).clamp(min=1e-8) / top
-        if self.kv_cache_dtype == "fp8":
-            return (states / scale).to(torch.float8_e4m3fn).view(torch.uint8), scale
-        return (states / scale).round().clamp(-127, 127).to(torch.int8), scale
+        return encode_kv(states, self.kv_cache_dtype)
 
     def _write(self, entries: slice, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """K/V `[tokens, len(entries), kv_heads, d]` of the tokens at `slots` `[tokens]` into cache `entries`."""
