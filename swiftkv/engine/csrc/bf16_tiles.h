@@ -136,16 +136,11 @@ inline void softmax_block(const float* s, const __mmask16* visible, float& best,
   total = total * correction + _mm512_reduce_add_ps(sum);
 }
 
-// An int8 cache holds codes in the same tiles, with a bf16 scale per slot and KV head (value = code * scale).
+// An int8 cache holds codes in the same tiles, with a bf16 scale per slot and KV head (value = code * scale);
+// decode rows multiply them in integers (int8_tiles.h), the prompt kernel widens each tile once.
 // 16 consecutive codes as float32 lanes
 inline __m512 load_codes(const int8_t* codes) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes))));
-}
-
-// n codes -> the same n values as bf16 words (exact: |code| <= 127)
-inline void widen_codes(const int8_t* codes, uint32_t* words, int64_t n) {
-  for (int64_t i = 0; i < n; i += 32)
-    _mm512_storeu_si512(words + i / 2, (__m512i)_mm512_cvtne2ps_pbh(load_codes(codes + i + 16), load_codes(codes + i)));
 }
 
 // An int8 tile (K: values = false, V: true) dequantized into bf16 words (code * its key's scale, rounded once):
@@ -173,51 +168,6 @@ inline void dequantize_tile(const int8_t* codes, const float* scale, bool values
       _mm512_storeu_si512(words + jp * dim + d, (__m512i)_mm512_cvtne2ps_pbh(widen(c + 16, pair), widen(c, pair)));
     }
   }
-}
-
-// cache_tiles for an int8 cache (k, v: one KV head's codes; k_scales, v_scales: its [slots] scales): the block's
-// tiles widened into `widened` (4 K then 4 V tiles of 8 * head_dim words) and their keys' scales (0 past `keys`)
-inline void code_tiles(const int8_t* k, const int8_t* v, const at::BFloat16* k_scales, const at::BFloat16* v_scales,
-                       const int32_t* table, int64_t block_size, int64_t dim, int64_t k0, int64_t keys,
-                       const uint32_t* zeros, uint32_t* widened, const uint32_t** key_tiles,
-                       const uint32_t** value_tiles, float* key_scale, float* value_scale) {
-  for (int c = 0; c < 4; ++c) {
-    const int64_t key = k0 + kTile * c;
-    if (key >= keys) {
-      key_tiles[c] = value_tiles[c] = zeros;
-      _mm512_storeu_ps(key_scale + kTile * c, _mm512_setzero_ps());
-      _mm512_storeu_ps(value_scale + kTile * c, _mm512_setzero_ps());
-      continue;
-    }
-    const int64_t slot = slot_of(table, key, block_size);
-    uint32_t* key_words = widened + c * 8 * dim;
-    uint32_t* value_words = widened + (4 + c) * 8 * dim;
-    widen_codes(k + slot * dim, key_words, kTile * dim);
-    widen_codes(v + slot * dim, value_words, kTile * dim);
-    key_tiles[c] = key_words;
-    value_tiles[c] = value_words;
-    _mm512_storeu_ps(key_scale + kTile * c, load_bf16(k_scales + slot));
-    _mm512_storeu_ps(value_scale + kTile * c, load_bf16(v_scales + slot));
-  }
-}
-
-// q . (codes * key scale) = (q . codes) * key scale: rows x 64 scores
-inline void scale_scores(float* scores, int64_t rows, const float* key_scale) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int c = 0; c < 4; ++c) {
-      float* s = scores + r * kKeyBlock + 16 * c;
-      _mm512_storeu_ps(s, _mm512_mul_ps(_mm512_loadu_ps(s), _mm512_loadu_ps(key_scale + 16 * c)));
-    }
-}
-
-// p . (codes * value scale) = (p * value scale) . codes: rows x 64 bf16 probabilities, rounded again
-inline void scale_probabilities(at::BFloat16* probabilities, int64_t rows, const float* value_scale) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int c = 0; c < 4; ++c) {
-      at::BFloat16* p = probabilities + r * kKeyBlock + 16 * c;
-      const __m512 scaled = _mm512_mul_ps(load_bf16(p), _mm512_loadu_ps(value_scale + 16 * c));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(scaled));
-    }
 }
 
 // The K and V tiles of the 64-key block at k0 in a tiled cache (k, v: one KV head's slots), found through the

@@ -27,6 +27,7 @@
 
 #include "attention_common.h"
 #include "bf16_tiles.h"
+#include "int8_tiles.h"
 
 namespace {
 
@@ -373,12 +374,11 @@ void decode(const torch::Tensor& query, const torch::Tensor& k_cache, const torc
 
 
 #if defined(__AVX512BF16__)
-// bf16 rows over a tiled cache (bf16_tiles.h): tasks as in decode(), each walking its share of keys (a multiple
-// of 64) a key block at a time with the prompt kernel's building blocks, the group's query heads as the rows,
-// and an online softmax; no transposes or unpacks, since the tiles are already in the order vdpbf16ps reads.
-// An int8 cache (Cache = int8_t) holds codes in the same tiles with a bf16 scale per slot and head
-// (k_scales/v_scales [kv_heads, slots]): each block's tiles are widened to bf16 on the stack (codes are exact in
-// bf16), the key scales multiply the scores and the value scales the probabilities.
+// Rows over a tiled cache (bf16_tiles.h): tasks as in decode(), each walking its share of keys (a multiple of 64)
+// a key block at a time, the group's query heads as the rows, with an online softmax; no transposes or unpacks,
+// since the tiles are already in the order the products read. bf16 (Cache = at::BFloat16): vdpbf16ps with the
+// prompt kernel's building blocks. int8 (Cache = int8_t; k_scales/v_scales [kv_heads, slots] bf16): int16
+// products of the codes with quantized queries and probabilities (int8_tiles.h).
 template <typename Cache>
 void decode_tiled(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                   const torch::Tensor& block_tables, const torch::Tensor& key_counts, torch::Tensor& out,
@@ -404,36 +404,55 @@ void decode_tiled(const torch::Tensor& query, const torch::Tensor& k_cache, cons
     std::vector<float> scores(group * kKeyBlock), correction(group);
     std::vector<at::BFloat16> probabilities(group * kKeyBlock);
     std::vector<const uint32_t*> queries(group);
-    std::vector<uint32_t> widened(kCodes ? 2 * 4 * 8 * dim : 0);  // a block's 4 K then 4 V tiles, as bf16
+    // int8: the rows' int16 queries and their scales (times the softmax scale), a block's int16 probabilities
+    std::vector<int16_t> query_codes(kCodes ? group * dim : 0), probability_codes(kCodes ? group * kKeyBlock : 0);
+    std::vector<float> row_scale(group), probability_scale(group), query_row(dim);
     alignas(64) float key_scale[kKeyBlock], value_scale[kKeyBlock];
     for (int64_t task = begin; task < end; ++task) {
       const Share share = start_share(task, kv_heads, splits, counts, kKeyBlock, group, dim, partial, best, total);
       const int64_t row = share.row, kv = share.kv, first = share.first, last = share.last;
       float *acc = share.acc, *m = share.best, *l = share.total;
       if (first >= last) continue;
-      for (int64_t g = 0; g < group; ++g)
-        queries[g] = reinterpret_cast<const uint32_t*>(q + row * q_row + (kv * group + g) * q_head);
+      for (int64_t g = 0; g < group; ++g) {
+        const at::BFloat16* query_head = q + row * q_row + (kv * group + g) * q_head;
+        if constexpr (kCodes) {
+          row_scale[g] = static_cast<float>(scale) *
+                         swiftkv_int8_tiles::quantize_query(query_head, dim, query_row.data(), &query_codes[g * dim]);
+          queries[g] = reinterpret_cast<const uint32_t*>(&query_codes[g * dim]);
+        } else {
+          queries[g] = reinterpret_cast<const uint32_t*>(query_head);
+        }
+      }
       const int32_t* table = tables + row * width;
       for (int64_t k0 = first; k0 < last; k0 += kKeyBlock) {
-        const uint32_t *key_tiles[4], *value_tiles[4];
+        const int8_t *key_codes[4], *value_codes[4];    // int8
+        const uint32_t *key_words[4], *value_words[4];  // bf16
         if constexpr (kCodes) {
-          code_tiles(k + kv * k_head, v + kv * v_head, k_scales + kv * slots, v_scales + kv * slots, table,
-                     block_size, dim, k0, last, zeros.data(), widened.data(), key_tiles, value_tiles, key_scale,
-                     value_scale);
+          swiftkv_int8_tiles::code_tiles(k + kv * k_head, v + kv * v_head, k_scales + kv * slots,
+                                         v_scales + kv * slots, table, block_size, dim, k0, last,
+                                         reinterpret_cast<const int8_t*>(zeros.data()), key_codes, value_codes,
+                                         key_scale, value_scale);
+          swiftkv_int8_tiles::score_block_codes(group, queries.data(), key_codes, pairs, row_scale.data(), key_scale,
+                                                scores.data());
         } else {
-          cache_tiles(k + kv * k_head, v + kv * v_head, table, block_size, dim, k0, last, zeros.data(), key_tiles,
-                      value_tiles);
+          cache_tiles(k + kv * k_head, v + kv * v_head, table, block_size, dim, k0, last, zeros.data(), key_words,
+                      value_words);
+          for (int64_t r = 0; r < group; r += kRows)
+            score_rows<kRows>(static_cast<int>(std::min<int64_t>(kRows, group - r)), &queries[r], key_words, pairs,
+                              static_cast<float>(scale), &scores[r * kKeyBlock]);
         }
-        for (int64_t r = 0; r < group; r += kRows)
-          score_rows<kRows>(static_cast<int>(std::min<int64_t>(kRows, group - r)), &queries[r], key_tiles, pairs,
-                            static_cast<float>(scale), &scores[r * kKeyBlock]);
-        if constexpr (kCodes) scale_scores(scores.data(), group, key_scale);
         __mmask16 visible[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
         if (k0 + kKeyBlock > last) visible_lanes(last - k0, visible);
         for (int64_t g = 0; g < group; ++g)
           softmax_block(&scores[g * kKeyBlock], visible, m[g], l[g], correction[g], &probabilities[g * kKeyBlock]);
-        if constexpr (kCodes) scale_probabilities(probabilities.data(), group, value_scale);
-        add_block_values(group, value_tiles, dim, probabilities.data(), correction.data(), acc);
+        if constexpr (kCodes) {
+          swiftkv_int8_tiles::quantize_probabilities(probabilities.data(), group, value_scale,
+                                                     probability_codes.data(), probability_scale.data());
+          swiftkv_int8_tiles::add_block_value_codes(group, value_codes, dim, probability_codes.data(),
+                                                    probability_scale.data(), correction.data(), acc);
+        } else {
+          add_block_values(group, value_words, dim, probabilities.data(), correction.data(), acc);
+        }
       }
     }
   });
