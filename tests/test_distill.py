@@ -440,6 +440,21 @@ def test_the_free_text_ratio_is_the_share_of_raw_text_in_the_default_corpus(tmp_
     assert sum("text" in r for r in records) == free_texts and sum("response" in r for r in records) == 6
 
 
+def test_raw_texts_have_their_own_length(tmp_path, monkeypatch):
+    """`corpus_free_text_max_new_tokens` sets how far the teacher continues each raw text, not the chat answers."""
+    monkeypatch.setenv("SWIFTKV_CACHE", str(tmp_path))
+    lengths = {}
+
+    def recording(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, seed, desc):
+        lengths[desc] = max_new_tokens
+        return ["w1 w2"] * len(prompts)
+
+    monkeypatch.setattr(corpus, "sample_continuations", recording)
+    config = DistillConfig(corpus_prompts=2, corpus_max_new_tokens=4, corpus_free_text_max_new_tokens=12)
+    load_records(["default"], tiny_teacher, make_tiny_tokenizer(), config)
+    assert lengths == {"teacher corpus": 4, "teacher free text": 12}
+
+
 def test_no_evaluation_text_enters_training(tmp_path, monkeypatch):
     """A record that copies 13 words of an evaluation set is left out of training and held-out data alike;
     12 shared words are an ordinary phrase."""

@@ -28,7 +28,7 @@ def load_records(sources: list[str], teacher_for_corpus, tokenizer, config: Dist
                                       samples_per_prompt=config.corpus_samples, seed=config.seed)
             if config.corpus_free_texts:
                 records += free_text_corpus(teacher, tokenizer, config.corpus_free_texts,
-                                            max_new_tokens=config.corpus_max_new_tokens, seed=config.seed)
+                                            max_new_tokens=config.corpus_free_text_max_new_tokens, seed=config.seed)
         elif source.startswith("hf:"):
             name, _, split = source[3:].partition(":")
             records += load_dataset_records(name, split or "train")

@@ -31,6 +31,7 @@ class DistillConfig:
     corpus_max_new_tokens: int = 128     # ... tokens per answer
     corpus_samples: int = 1              # ... answers per prompt (seeded differently)
     corpus_free_text_ratio: float = 0.5  # share of default records that are teacher-continued raw text
+    corpus_free_text_max_new_tokens: int = 128  # ... tokens per raw text (long texts teach long-range context)
     max_steps: int = 600                 # optimizer steps; the schedule spans them
     max_grad_norm: float = 1.0
     eval_every: int = 25
@@ -49,7 +50,8 @@ class DistillConfig:
             raise ValueError(f"lr_schedule must be 'cosine' or 'linear', got {self.lr_schedule!r}")
         positive = ("learning_rate", "upper_layers_learning_rate", "logits_loss_temp", "seq_length",
                     "micro_batch_size", "gradient_accumulation_steps", "max_steps", "eval_every", "save_every",
-                    "keep_checkpoints", "corpus_prompts", "corpus_max_new_tokens", "corpus_samples")
+                    "keep_checkpoints", "corpus_prompts", "corpus_max_new_tokens", "corpus_free_text_max_new_tokens",
+                    "corpus_samples")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
