@@ -5,7 +5,7 @@
 // one scale per row: each query row's head_dim for the scores, each row's block of probabilities times the
 // value scales for the values. 15 bits per operand, finer than the bf16 the bf16 path multiplies in (8 bits);
 // against widening the codes to bf16 (four conversions per 16 codes, then a store and a load), a row costs
-// about half the instructions. Sums stay exact: |32767 x 127| x 64 products < 2^31.
+// about half the instructions. Sums stay exact: 32767 x 127 x 512 < 2^31 (a lane adds head_dim or 64 products).
 #pragma once
 
 #if defined(__AVX512BF16__)
