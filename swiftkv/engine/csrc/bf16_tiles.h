@@ -170,11 +170,12 @@ inline void dequantize_tile(const int8_t* codes, const float* scale, bool values
   }
 }
 
-// The K and V tiles of the 64-key block at k0 in a tiled cache (k, v: one KV head's slots), found through the
-// sequence's block table; tiles at or past `keys` are `zeros` (8 * head_dim words)
-inline void cache_tiles(const at::BFloat16* k, const at::BFloat16* v, const int32_t* table, int64_t block_size,
-                        int64_t dim, int64_t k0, int64_t keys, const uint32_t* zeros, const uint32_t** key_tiles,
-                        const uint32_t** value_tiles) {
+// The K and V tiles of the 64-key block at k0 in a tiled cache (k, v: one KV head's slots of any element type,
+// bf16 or int8 codes; tiles as `Tile` pointers), found through the sequence's block table; tiles at or past
+// `keys` are `zeros`
+template <typename Cache, typename Tile>
+inline void cache_tiles(const Cache* k, const Cache* v, const int32_t* table, int64_t block_size, int64_t dim,
+                        int64_t k0, int64_t keys, const Tile* zeros, const Tile** key_tiles, const Tile** value_tiles) {
   for (int c = 0; c < 4; ++c) {
     const int64_t key = k0 + kTile * c;
     if (key >= keys) {
@@ -182,8 +183,8 @@ inline void cache_tiles(const at::BFloat16* k, const at::BFloat16* v, const int3
       continue;
     }
     const int64_t slot = slot_of(table, key, block_size);
-    key_tiles[c] = reinterpret_cast<const uint32_t*>(k + slot * dim);
-    value_tiles[c] = reinterpret_cast<const uint32_t*>(v + slot * dim);
+    key_tiles[c] = reinterpret_cast<const Tile*>(k + slot * dim);
+    value_tiles[c] = reinterpret_cast<const Tile*>(v + slot * dim);
   }
 }
 

@@ -161,25 +161,19 @@ inline void add_block_value_codes(int64_t rows, const int8_t* const* value_tiles
   }
 }
 
-// The code tiles of the 64-key block at k0 (k, v: one KV head's codes; k_scales, v_scales: its [slots] scales)
-// and their keys' scales; tiles at or past `keys` are `zeros` (16 * head_dim codes) with scale 0
+// cache_tiles for an int8 cache (k_scales, v_scales: the KV head's [slots] scales), with the tiles' keys' scales
+// (0 past `keys`, whose tiles are `zeros`)
 inline void code_tiles(const int8_t* k, const int8_t* v, const at::BFloat16* k_scales, const at::BFloat16* v_scales,
                        const int32_t* table, int64_t block_size, int64_t dim, int64_t k0, int64_t keys,
                        const int8_t* zeros, const int8_t** key_tiles, const int8_t** value_tiles, float* key_scale,
                        float* value_scale) {
+  swiftkv_tiles::cache_tiles(k, v, table, block_size, dim, k0, keys, zeros, key_tiles, value_tiles);
   for (int c = 0; c < 4; ++c) {
     const int64_t key = k0 + kTile * c;
-    if (key >= keys) {
-      key_tiles[c] = value_tiles[c] = zeros;
-      _mm512_storeu_ps(key_scale + kTile * c, _mm512_setzero_ps());
-      _mm512_storeu_ps(value_scale + kTile * c, _mm512_setzero_ps());
-      continue;
-    }
-    const int64_t slot = slot_of(table, key, block_size);
-    key_tiles[c] = k + slot * dim;
-    value_tiles[c] = v + slot * dim;
-    _mm512_storeu_ps(key_scale + kTile * c, load_bf16(k_scales + slot));
-    _mm512_storeu_ps(value_scale + kTile * c, load_bf16(v_scales + slot));
+    const bool past = key >= keys;
+    const int64_t slot = past ? 0 : slot_of(table, key, block_size);
+    _mm512_storeu_ps(key_scale + kTile * c, past ? _mm512_setzero_ps() : load_bf16(k_scales + slot));
+    _mm512_storeu_ps(value_scale + kTile * c, past ? _mm512_setzero_ps() : load_bf16(v_scales + slot));
   }
 }
 
