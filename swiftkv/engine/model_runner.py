@@ -228,7 +228,8 @@ class ModelRunner:
             self.prompt_kernel = paged_attention_cpu.prefill_attention
         # where both kernels have their vectorised paths, K/V are stored as the tiles they compute on
         # (csrc/bf16_tiles.h): decode attention then needs no transposes (benchmarks/decode_attention.py); an int8
-        # cache's codes sit in the same tiles (half the bytes per key), which both kernels turn back into bf16
+        # cache's codes sit in the same tiles (half the bytes per key): decode multiplies them in integers, the
+        # prompt kernel dequantizes each tile
         self.tiled_cache = kv_cache_dtype in ("auto", "int8") and self.device.type == "cpu" and \
             paged_attention_cpu.available() and \
             paged_attention_cpu.tiled_cache_is_supported(self.dtype, self.head_dim, block_size)
