@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from swiftkv.eval.data import data_file
+from swiftkv.eval.data import data_file, text_chunks
 from swiftkv.loading import load_model, load_tokenizer
 from swiftkv.models.swiftkv import swiftkv_mode
 from swiftkv.plotting import png_figure
@@ -53,11 +53,10 @@ def main() -> None:
     args = parser.parse_args()
     edges = [0, 64, 128, 256, 512, 768, args.window - 1]
     results = {"date": time.strftime("%Y-%m-%d"), "settings": vars(args), "models": {}}
+    text = data_file("wikitext2_test_raw.txt").read_text()
     for path in args.models:
-        tokenizer = load_tokenizer(path)
+        windows = text_chunks(load_tokenizer(path), text, args.window, args.windows)
         model = load_model(path, dtype="bfloat16")
-        ids = tokenizer(data_file("wikitext2_test_raw.txt").read_text(), return_tensors="pt").input_ids[0]
-        windows = [ids[i * args.window:(i + 1) * args.window] for i in range(args.windows)]
         on, off = position_nll(model, windows, True), position_nll(model, windows, False)
         results["models"][path] = by_bucket(on, off, edges, args.windows)
         for row in results["models"][path]:
