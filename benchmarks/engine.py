@@ -6,6 +6,8 @@ Systems (same weights, dtype and threads):
   engine-base-eager  the same without CUDA graphs (on a GPU: what graph replay of decode steps saves)
   <engine system>-compiled  with decode steps through torch.compile (CPU; `compile_decode`), e.g.
                 engine-base-compiled, swiftkv-g1-compiled; its start-up compile time is reported
+  <engine system>-int8, -fp8  with that 8-bit KV cache (as `--kv-cache-dtype`, for this system only), e.g.
+                swiftkv-g1-fp8: twice the tokens in the same budget
   swiftkv-g1    this engine on SwiftKV-50% (num_key_value_layers=15 of 30, no AcrossKV)
   swiftkv-g2    this engine on SwiftKV with AcrossKV groups of 2 (num_key_value_layers=16: (30-l) % 2 == 0)
   llamacpp-bf16 llama.cpp on a BF16 GGUF of the same weights, llamacpp-q4_1 on the shipped Q4_1 GGUF
@@ -219,9 +221,9 @@ def main() -> None:
                     row[key] = serve_hf(base, serve_prompts, arrival_times[part], args.output_len)
         else:
             model_name, options = engine_variant(system)
+            options = {"kv_cache_dtype": args.kv_cache_dtype, **options}
             config = EngineConfig(dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
-                                  max_prefill_tokens=max(args.ttft_lengths), weights=args.weights,
-                                  kv_cache_dtype=args.kv_cache_dtype, **options)
+                                  max_prefill_tokens=max(args.ttft_lengths), weights=args.weights, **options)
             engine = LLMEngine(models[model_name], tokenizer, config)
             row["kv_cache_capacity_tokens"] = engine.capacity_tokens
             if engine.runner.compiled_decode is not None:
@@ -241,7 +243,6 @@ def main() -> None:
                 if part in args.parts:  # a fresh engine: the default prefill budget, an empty cache
                     engine = LLMEngine(models[model_name], tokenizer, EngineConfig(
                         dtype=args.dtype, weights=args.weights, kv_cache_memory_gb=args.kv_cache_memory_gb,
-                        kv_cache_dtype=args.kv_cache_dtype,
                         **options))
                     row[key] = serve_engine(engine, serve_prompts, arrival_times[part], args.output_len)
         for key in SERVING_RUNS.values():
@@ -256,7 +257,8 @@ def main() -> None:
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
-ENGINE_VARIANTS = {"-eager": {"cuda_graphs": False}, "-compiled": {"compile_decode": True}}
+ENGINE_VARIANTS = {"-eager": {"cuda_graphs": False}, "-compiled": {"compile_decode": True},
+                   "-int8": {"kv_cache_dtype": "int8"}, "-fp8": {"kv_cache_dtype": "fp8"}}
 
 
 def engine_variant(system: str) -> tuple[str, dict]:

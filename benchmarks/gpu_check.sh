@@ -4,7 +4,7 @@
 # 1. tests/test_cuda.py and tests/test_paged_attention.py (model, engine with and without CUDA graphs, the paged
 #    attention kernel, least-squares start, distillation and eval on CUDA)
 # 2. the engine (TTFT, decode 1 and 32 streams, serving 24 x 2000/64) on the Llama-3.1-8B shape, with and
-#    without CUDA graphs (benchmarks/engine.py)
+#    without CUDA graphs, and SwiftKV with an fp8 KV cache (benchmarks/engine.py)
 # 3. prefill, base vs SwiftKV-50%, of a random-weight Llama-3.1-8B shape (benchmarks/prefill.py)
 # 4. `swiftkv distill` under `accelerate launch` on a random-weight SmolLM2-135M-shaped checkpoint
 # 5. prefill of the SmolLM2-135M shape
@@ -45,8 +45,8 @@ fi
 
 if wanted engine; then
 step engine
-timeout 330 python3 benchmarks/engine.py --model $tokenizer --random-weights llama-3.1-8b --device cuda \
-    --systems engine-base engine-base-eager swiftkv-g1 swiftkv-g2 \
+timeout 420 python3 benchmarks/engine.py --model $tokenizer --random-weights llama-3.1-8b --device cuda \
+    --systems engine-base engine-base-eager swiftkv-g1 swiftkv-g2 swiftkv-g1-fp8 \
     --ttft-lengths 2048 8192 16384 --decode-tokens 32 --decode-batch 32 --requests 24 --input-len 2000 \
     --output-len 64 --request-rate 1000 --parts ttft decode e2e serving --kv-cache-memory-gb 4 \
     --out "$results/engine_gpu_llama8b"

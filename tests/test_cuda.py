@@ -98,6 +98,17 @@ def test_an_8_bit_kv_cache_on_cuda_keeps_logits_close_to_the_exact_cache(kv_cach
     assert logits[1].argmax() == logits[0].argmax()
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+def test_an_8_bit_kv_cache_decodes_from_cuda_graphs_as_it_does_eagerly(kv_cache_dtype):
+    model = swiftkv_model("llama", 2).to(CUDA)
+    outputs = {}
+    for graphs in (True, False):
+        engine = engine_for(model, cuda_graphs=graphs, kv_cache_dtype=kv_cache_dtype)
+        assert (engine.runner.decode_graphs is not None) == graphs
+        outputs[graphs] = [output.token_ids for output in run(engine, prompts(), GREEDY)]
+    assert outputs[True] == outputs[False]
+
+
 def test_seeded_sampling_on_cuda_is_reproducible_and_really_samples():
     engine = engine_for(swiftkv_model().to(CUDA))
     params = SamplingParams(max_tokens=12, temperature=1.5, top_p=0.9, top_k=40, seed=7, ignore_eos=True)

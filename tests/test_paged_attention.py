@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from swiftkv.engine import paged_attention
 from swiftkv.engine.cuda_graphs import batch_buckets
+from swiftkv.engine.model_runner import encode_kv
 
 from test_engine import GREEDY, engine_for, hf_greedy, prompts, run, swiftkv_model
 
@@ -47,6 +48,49 @@ def test_kernel_equals_attention_over_gathered_keys(heads, kv_heads, head_dim, b
     output = output.cpu()
     expected = attention_over_gathered_keys(query, k_cache, v_cache, block_tables, key_counts, block_size, scale)
     torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+
+
+def dequantized(codes: torch.Tensor, scale: torch.Tensor, kv_cache_dtype: str) -> torch.Tensor:
+    return (codes.view(torch.float8_e4m3fn) if kv_cache_dtype == "fp8" else codes).float() * scale
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+def test_kernel_reads_an_8_bit_cache_as_attention_over_its_dequantized_keys(kv_cache_dtype):
+    generator = torch.Generator().manual_seed(0)
+    heads, kv_heads, head_dim, block_size, num_blocks = 9, 3, 64, 16, 40
+    (k_codes, k_scale), (v_codes, v_scale) = (
+        encode_kv(torch.randn(kv_heads, num_blocks * block_size, head_dim, generator=generator) * 3, kv_cache_dtype)
+        for _ in "kv")
+    key_counts = torch.tensor([1, 37, 5 * block_size], dtype=torch.int32)
+    block_tables = torch.stack([torch.randperm(num_blocks, generator=generator)[:12] for _ in key_counts]).int()
+    query = torch.randn(3, heads, head_dim, generator=generator)
+    scale = head_dim ** -0.5
+    output = paged_attention.paged_decode_attention(
+        *(t.to(DEVICE) for t in (query, k_codes, v_codes, block_tables, key_counts)), block_size, scale, 2,
+        k_scale=k_scale.to(DEVICE), v_scale=v_scale.to(DEVICE))
+    expected = attention_over_gathered_keys(query, dequantized(k_codes, k_scale, kv_cache_dtype),
+                                            dequantized(v_codes, v_scale, kv_cache_dtype), block_tables,
+                                            key_counts, block_size, scale)
+    torch.testing.assert_close(output.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_refuses_an_8_bit_cache_without_its_scales():
+    codes = torch.zeros(1, 32, 16, dtype=torch.int8, device=DEVICE)
+    with pytest.raises(ValueError, match="k_scale and v_scale"):
+        paged_attention.paged_decode_attention(torch.zeros(1, 2, 16, device=DEVICE), codes, codes,
+                                               torch.ones(1, 2, dtype=torch.int32, device=DEVICE),
+                                               torch.ones(1, dtype=torch.int32, device=DEVICE), 16, 0.25)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+def test_engine_decoding_an_8_bit_cache_through_the_kernel_equals_decoding_it_gathered(kv_cache_dtype):
+    model = swiftkv_model("llama", 2).to(DEVICE)
+    outputs = []
+    for kernel in (None, paged_attention.paged_decode_attention):
+        engine = engine_for(model, cuda_graphs=False, kv_cache_dtype=kv_cache_dtype)
+        engine.runner.paged_kernel = kernel  # the gathered keys through PyTorch's attention, then the kernel
+        outputs.append([output.token_ids for output in run(engine, prompts(3), GREEDY)])
+    assert outputs[0] == outputs[1]
 
 
 @pytest.mark.parametrize("group_size", [1, 2])

@@ -59,7 +59,7 @@ class QueryRows:
 
     With a paged kernel (the GPU's Triton kernel, engine/paged_attention.py; the CPU's C++ kernel,
     engine/paged_attention_cpu.py), block_tables `[rows, blocks]` and key_counts `[rows]` (int32): the kernel
-    reads K/V straight from the blocks. Without one (8-bit caches other than a tiled int8 one; a CPU where the
+    reads K/V straight from the blocks. Without one (on a CPU, 8-bit caches other than a tiled int8 one; where the
     kernel cannot be built), in_place_starts: each row's first slot when every row's context is one slot range
     read in place (fused SDPA, row by row); else read_slots `[rows, T]` (padded) are gathered for one batched
     attention, with mask `[rows, T]` over the padding (None for one row)."""
@@ -165,7 +165,8 @@ class ModelRunner:
     bytes of bf16, the other half of the paper's KV-memory reduction. fp8 keeps more precision for small
     values (a float's relative step) where int8 keeps a uniform step; both are stored as bytes and converted
     on read, so they run on any device (fp8 is stored as the bytes of e4m3: CPU kernels do not copy float8).
-    On a CPU where a bf16 cache would be tiled, int8 codes sit in the same tiles, quantized as they are written,
+    On a GPU the paged decode kernel reads both as stored (engine/paged_attention.py), so decode steps replay
+    from CUDA graphs with any cache. On a CPU where a bf16 cache would be tiled, int8 codes sit in the same tiles, quantized as they are written,
     and both C++ kernels read them (16 streams 412 -> 731 tokens/s against PyTorch's attention;
     benchmarks/README.md).
 
@@ -213,10 +214,10 @@ class ModelRunner:
             fast = self.device.type == "cpu" and small_batch_linear.available() and \
                 small_batch_linear.supports(self.single_input_kv[0])
             self.single_input_kv_linear = small_batch_linear.linear if fast else F.linear
-        # decode rows through a paged kernel: Triton on a GPU, C++ on a CPU (8-bit caches are gathered instead,
-        # but for a tiled int8 one, below)
+        # decode rows through a paged kernel: Triton on a GPU (8-bit caches too, dequantized as it reads them), C++
+        # on a CPU (8-bit caches are gathered instead, but for a tiled int8 one, below)
         self.paged_kernel = None
-        if not self.quantized and self.device.type == "cuda" and paged_attention.available():
+        if self.device.type == "cuda" and paged_attention.available():
             self.paged_kernel = paged_attention.paged_decode_attention
         elif not self.quantized and self.device.type == "cpu" and paged_attention_cpu.available():
             self.paged_kernel = paged_attention_cpu.paged_decode_attention
@@ -245,7 +246,7 @@ class ModelRunner:
         from swiftkv.engine.cuda_graphs import DecodeGraphs
 
         if self.device.type != "cuda" or self.paged_kernel is None:
-            raise ValueError("CUDA graphs need a CUDA device, Triton and a kv_cache_dtype of 'auto'")
+            raise ValueError("CUDA graphs need a CUDA device and Triton")
         max_blocks = max(2, min(self.num_blocks, -(-max_model_length // self.block_size)))  # as block_tables()
         self.decode_graphs = DecodeGraphs(self, max_batch, max_blocks)
 
@@ -376,7 +377,8 @@ class ModelRunner:
             return self._attend_one_query(query, keys, values, rows.mask)
 
     def _scales(self, entry: int) -> dict:
-        """The kernels' scale arguments: an int8 cache's (a kernel reads one only when it is tiled), else none."""
+        """The kernels' scale arguments: an 8-bit cache's (the CPU kernels read them only from a tiled int8 cache),
+        else none."""
         return dict(k_scale=self.k_scale[entry], v_scale=self.v_scale[entry]) if self.quantized else {}
 
     def _attend_in_place(self, query: torch.Tensor, entry: int, start: int, length: int) -> torch.Tensor:
