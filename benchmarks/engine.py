@@ -30,6 +30,7 @@ supplies the tokenizer). Writes JSON and a PNG.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -220,6 +221,8 @@ def main() -> None:
                 if part in args.parts:
                     row[key] = serve_hf(base, serve_prompts, arrival_times[part], args.output_len)
         else:
+            engine = None  # the last system's
+            free_memory(args.device)
             model_name, options = engine_variant(system)
             options = {"kv_cache_dtype": args.kv_cache_dtype, **options}
             config = EngineConfig(dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
@@ -241,6 +244,8 @@ def main() -> None:
                                           args.repeats)
             for part, key in SERVING_RUNS.items():
                 if part in args.parts:  # a fresh engine: the default prefill budget, an empty cache
+                    engine = None
+                    free_memory(args.device)
                     engine = LLMEngine(models[model_name], tokenizer, EngineConfig(
                         dtype=args.dtype, weights=args.weights, kv_cache_memory_gb=args.kv_cache_memory_gb,
                         **options))
@@ -255,6 +260,14 @@ def main() -> None:
     plot(results, out.with_suffix(".png"))
     print(json.dumps(results["ratios"], indent=1))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+def free_memory(device: str) -> None:
+    """Collect engines no longer referenced and give their KV cache and CUDA graphs' memory back, so that the
+    next engine is timed alone, not beside them."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 ENGINE_VARIANTS = {"-eager": {"cuda_graphs": False}, "-compiled": {"compile_decode": True},

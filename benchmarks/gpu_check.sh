@@ -4,7 +4,8 @@
 # 1. tests/test_cuda.py and tests/test_paged_attention.py (model, engine with and without CUDA graphs, the paged
 #    attention kernel, least-squares start, distillation and eval on CUDA)
 # 2. the engine (TTFT, decode 1 and 32 streams, serving 24 x 2000/64) on the Llama-3.1-8B shape, with and
-#    without CUDA graphs, and SwiftKV with an fp8 KV cache (benchmarks/engine.py)
+#    without CUDA graphs, and SwiftKV with an fp8 KV cache (benchmarks/engine.py); then what the schedule
+#    alone predicts for its serving run (benchmarks/serving_schedule.py)
 # 3. prefill, base vs SwiftKV-50%, of a random-weight Llama-3.1-8B shape (benchmarks/prefill.py)
 # 4. `swiftkv distill` under `accelerate launch` on a random-weight SmolLM2-135M-shaped checkpoint
 # 5. prefill of the SmolLM2-135M shape
@@ -50,6 +51,8 @@ timeout 420 python3 benchmarks/engine.py --model $tokenizer --random-weights lla
     --ttft-lengths 2048 8192 16384 --decode-tokens 32 --decode-batch 32 --requests 24 --input-len 2000 \
     --output-len 64 --request-rate 1000 --parts ttft decode e2e serving --kv-cache-memory-gb 4 \
     --out "$results/engine_gpu_llama8b"
+python3 benchmarks/serving_schedule.py --engine-json "$results/engine_gpu_llama8b.json" \
+    --out "$results/serving_schedule_gpu_llama8b"
 fi
 
 if wanted prefill; then

@@ -7,6 +7,7 @@ import statistics
 import time
 
 import numpy as np
+import torch
 
 from swiftkv.engine.llm_engine import LLMEngine, request_output
 from swiftkv.engine.sampling_params import SamplingParams
@@ -32,6 +33,10 @@ def poisson_arrivals(requests: int, rate: float, seed: int = 0) -> list[float]:
 def serve_engine(engine: LLMEngine, prompts: list[list[int]], arrivals: list[float], output_len: int) -> dict:
     """Replay `prompts` arriving at `arrivals` into the engine in-process; serving metrics of the run."""
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    device = engine.runner.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
     sequences, pending, start = [], list(zip(arrivals, prompts)), time.perf_counter()
     steps = {kind: {"count": 0, "seconds": 0.0, "decode_rows": 0, "prompt_tokens": 0} for kind in ("prompt", "decode")}
     while pending or engine.has_unfinished():
@@ -54,6 +59,9 @@ def serve_engine(engine: LLMEngine, prompts: list[list[int]], arrivals: list[flo
             time.sleep(min(0.01, pending[0][0] - now))
     metrics = serving_metrics(sequences, time.perf_counter() - start, output_len)
     metrics["steps"] = steps  # where the time went: steps with prompt chunks (and decode rows), decode-only steps
+    if device.type == "cuda":  # allocations that failed, freed the allocator's cache and synced: memory pressure
+        metrics["cuda_alloc_retries"] = torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries
+        metrics["cuda_peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
     return metrics
 
 
