@@ -71,9 +71,14 @@ def hf_ttft(model, prompt: list[int], repeats: int) -> float:
 
 
 def engine_decode_ms(engine: LLMEngine, prompts: list[list[int]], tokens: int) -> dict:
+    """Decode speed of `prompts` as streams, `tokens` each, timed from their first tokens: the engine must
+    prefill every prompt in one step (its `max_prefill_tokens`), or a later prompt step would be timed too."""
     sequences = [engine.add_request(p, SamplingParams(max_tokens=tokens, ignore_eos=True)) for p in prompts]
     while engine.has_unfinished():
         engine.step()
+    if len({s.token_times[0] for s in sequences}) > 1:
+        raise ValueError(f"{len(prompts)} prompts of {sum(map(len, prompts))} tokens took more than one step: raise "
+                         "max_prefill_tokens so that decode steps are timed alone")
     per_stream = [1000 * (s.token_times[-1] - s.token_times[0]) / (len(s.token_times) - 1) for s in sequences]
     span = max(s.token_times[-1] for s in sequences) - min(s.token_times[0] for s in sequences)
     return {"ms_per_token_per_stream": statistics.mean(per_stream),
@@ -226,7 +231,8 @@ def main() -> None:
             model_name, options = engine_variant(system)
             options = {"kv_cache_dtype": args.kv_cache_dtype, **options}
             config = EngineConfig(dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
-                                  max_prefill_tokens=max(args.ttft_lengths), weights=args.weights, **options)
+                                  max_prefill_tokens=max(*args.ttft_lengths, 128 * args.decode_batch),
+                                  weights=args.weights, **options)
             engine = LLMEngine(models[model_name], tokenizer, config)
             row["kv_cache_capacity_tokens"] = engine.capacity_tokens
             if engine.runner.compiled_decode is not None:

@@ -93,7 +93,8 @@ def main() -> None:
             print(f"== {name}, weights {weights}", flush=True)
             variant = fuse_projections(model if weights == "auto" else copy.deepcopy(model))
             quantize_weights(variant, weights)
-            engine = LLMEngine(variant, tokenizer, EngineConfig(kv_cache_memory_gb=0.25, max_num_seqs=32))
+            engine = LLMEngine(variant, tokenizer, EngineConfig(kv_cache_memory_gb=0.25, max_num_seqs=32,
+                                                                max_prefill_tokens=sum(map(len, decode_prompts))))
             engine_decode_ms(engine, decode_prompts[:1], 8)  # warm-up
             one = engine_decode_ms(engine, decode_prompts[:1], args.decode_tokens)
             many = engine_decode_ms(engine, decode_prompts, args.decode_tokens)
