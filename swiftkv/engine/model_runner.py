@@ -166,9 +166,9 @@ class ModelRunner:
     values (a float's relative step) where int8 keeps a uniform step; both are stored as bytes and converted
     on read, so they run on any device (fp8 is stored as the bytes of e4m3: CPU kernels do not copy float8).
     On a GPU the paged decode kernel reads both as stored (engine/paged_attention.py), so decode steps replay
-    from CUDA graphs with any cache. On a CPU where a bf16 cache would be tiled, int8 codes sit in the same tiles, quantized as they are written,
-    and both C++ kernels read them (16 streams 412 -> 731 tokens/s against PyTorch's attention;
-    benchmarks/README.md).
+    from CUDA graphs with any cache. On a CPU where a bf16 cache would be tiled, int8 codes sit in the same
+    tiles, quantized as they are written, and both C++ kernels read them (16 streams 412 -> 731 tokens/s
+    against PyTorch's attention; benchmarks/README.md).
 
     The cache holds one block more than the budget's `num_blocks`, block 0, never handed out: the scratch block
     that padding rows of a CUDA-graph decode step write to and read from (engine/cuda_graphs.py). Sequences'

@@ -35,8 +35,8 @@ if importlib.util.find_spec("triton") is not None:
     @triton.jit
     def _values(stored, fp8_values, codes: tl.constexpr):
         """A tile as stored -> numbers: a float cache's as they are, int8 codes as they are (exact in any float
-        dtype), fp8 bytes looked up in the 256 e4m3 values (a table, since Triton's interpreter and pre-Hopper GPUs
-        have no fp8 conversion; masked slots load byte 0, which is 0.0)."""
+        dtype), fp8 bytes looked up in the 256 e4m3 values (a table, since Triton's interpreter and GPUs before Ada
+        and Hopper have no fp8 conversion; masked slots load byte 0, which is 0.0)."""
         if codes == 2:  # FP8_BYTES
             return tl.load(fp8_values + stored.to(tl.int32))
         return stored
