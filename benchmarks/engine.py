@@ -115,6 +115,7 @@ def median_run(measure, repeats: int, key: str = "ms_per_token_per_stream"):
     return runs[len(runs) // 2]
 
 
+DECODE_PROMPT_TOKENS = 128  # each decode stream's context: its prompt, prefilled before decode is timed
 PARTS = ("ttft", "decode", "e2e", "serving", "saturated")
 SERVING_RUNS = {"serving": "serving", "saturated": "serving_saturated"}  # part -> its key in a system's row
 
@@ -132,7 +133,8 @@ def llamacpp_row(system: str, args, text_ids: list[int]) -> dict:
     if "ttft" in args.parts:
         row["ttft_s"] = {n: runner.ttft(text_ids[:n], args.repeats) for n in args.ttft_lengths}
     if "decode" in args.parts:
-        row["decode_1"] = median_run(lambda: runner.decode_ms(text_ids[:128], args.decode_tokens), args.repeats)
+        row["decode_1"] = median_run(lambda: runner.decode_ms(text_ids[:DECODE_PROMPT_TOKENS], args.decode_tokens),
+                                     args.repeats)
     if "e2e" in args.parts:
         row["e2e_s"] = median_run(lambda: runner.generate(text_ids[:args.e2e[0]], args.e2e[1])[1][-1], args.repeats)
     return row
@@ -196,6 +198,7 @@ def main() -> None:
         base = load_model(args.model, dtype=args.dtype, device=args.device)
     text_ids = tokenizer(data_file("wikitext2_test_raw.txt").read_text()[:400_000], add_special_tokens=False).input_ids
     serve_prompts = [text_ids[i * 997:i * 997 + args.input_len] for i in range(args.requests)]
+    decode_prompts = [text_ids[i * 500:i * 500 + DECODE_PROMPT_TOKENS] for i in range(args.decode_batch)]
     arrivals = poisson_arrivals(args.requests, args.request_rate)
     arrival_times = {"serving": arrivals,
                      "saturated": poisson_arrivals(args.requests, args.saturated_request_rate)}
@@ -219,7 +222,7 @@ def main() -> None:
             if "ttft" in args.parts:
                 row["ttft_s"] = {n: hf_ttft(base, text_ids[:n], args.repeats) for n in args.ttft_lengths}
             if "decode" in args.parts:
-                row["decode_1"] = hf_decode_ms(base, text_ids[:128], args.decode_tokens)
+                row["decode_1"] = hf_decode_ms(base, text_ids[:DECODE_PROMPT_TOKENS], args.decode_tokens)
             if "e2e" in args.parts:
                 row["e2e_s"] = hf_generate_s(base, text_ids[:args.e2e[0]], args.e2e[1])
             for part, key in SERVING_RUNS.items():
@@ -231,7 +234,7 @@ def main() -> None:
             model_name, options = engine_variant(system)
             options = {"kv_cache_dtype": args.kv_cache_dtype, **options}
             config = EngineConfig(dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
-                                  max_prefill_tokens=max(*args.ttft_lengths, 128 * args.decode_batch),
+                                  max_prefill_tokens=max(*args.ttft_lengths, sum(map(len, decode_prompts))),
                                   weights=args.weights, **options)
             engine = LLMEngine(models[model_name], tokenizer, config)
             row["kv_cache_capacity_tokens"] = engine.capacity_tokens
@@ -242,9 +245,8 @@ def main() -> None:
                 row["ttft_s"] = {n: engine_ttft(engine, text_ids[:n], args.repeats) for n in args.ttft_lengths}
             if "decode" in args.parts:
                 row["decode_1"] = median_run(
-                    lambda: engine_decode_ms(engine, [text_ids[:128]], args.decode_tokens), args.repeats)
-                row[f"decode_{args.decode_batch}"] = engine_decode_ms(
-                    engine, [text_ids[i * 500:i * 500 + 128] for i in range(args.decode_batch)], args.decode_tokens)
+                    lambda: engine_decode_ms(engine, decode_prompts[:1], args.decode_tokens), args.repeats)
+                row[f"decode_{args.decode_batch}"] = engine_decode_ms(engine, decode_prompts, args.decode_tokens)
             if "e2e" in args.parts:
                 row["e2e_s"] = median_run(lambda: engine_e2e_s(engine, text_ids[:args.e2e[0]], args.e2e[1]),
                                           args.repeats)
