@@ -72,6 +72,17 @@ def test_upper_layers_option_also_trains_what_swiftkv_layers_run_but_not_their_u
     assert not any(name.startswith("model.layers.2.") or ".self_attn.k_proj." in name for name in names)
 
 
+def test_all_layers_option_also_trains_the_layers_below_l_but_not_embeddings_or_unused_projections():
+    model = student()
+    names = set(freeze_all_but_swiftkv(model, "all_layers"))
+    lower = {f"model.layers.{i}.{part}.weight" for i in (0, 1, 2) for part in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj",
+        "input_layernorm")}
+    assert lower <= names and set(freeze_all_but_swiftkv(student(), "upper_layers")) <= names
+    assert not any(name.startswith(("model.embed_tokens", "model.norm.", "lm_head")) for name in names)
+    assert not any(f"layers.{i}.self_attn.{p}_proj." in name for i in (3, 4, 5) for p in "qkv" for name in names)
+
+
 def test_a_training_set_that_cannot_run_is_refused_by_name():
     with pytest.raises(ValueError, match="trainable must be one of"):
         DistillConfig(trainable="everything")
@@ -93,6 +104,26 @@ def test_training_upper_layers_keeps_the_teacher_the_base_model(tmp_path):
     with torch.no_grad():
         output = trainer.model(data[:4])
     torch.testing.assert_close(output.teacher_logits, teacher_before)
+
+
+def test_training_all_layers_keeps_the_teacher_the_base_model_and_says_the_base_is_not_kept(tmp_path):
+    base = make_base_model("llama", **SHARP)
+    data = blocks(40)
+    with torch.no_grad():
+        teacher_before = base(data[:4]).logits
+    model = student()
+    config = quick_config(trainable="all_layers", max_steps=4, eval_every=4, save_every=4)
+    trainer = DistillTrainer(model, data[8:], data[:8], config, tmp_path)
+    trainer.train()
+    assert trainer.train_cache is not None and trainer.train_cache.shared is None  # only the teacher is frozen
+    for name in ("layers.0.self_attn.q_proj", "layers.1.mlp.up_proj", "layers.4.mlp.down_proj"):
+        assert not torch.equal(model.get_submodule(f"model.{name}").weight,
+                               base.get_submodule(f"model.{name}").weight), name
+    torch.testing.assert_close(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    with torch.no_grad():
+        output = trainer.model(data[:4])
+    torch.testing.assert_close(output.teacher_logits, teacher_before)
+    assert not config.keeps_base_model and DistillConfig().keeps_base_model
 
 
 def test_shared_layers_give_the_teacher_a_separate_base_model_gives():
@@ -190,15 +221,17 @@ def test_least_squares_start_is_logged_and_beats_the_paper_copies_on_held_out_kl
     assert fitted["key_value_relative_error_after"] < fitted["key_value_relative_error_before"]
 
 
-def test_cached_teacher_outputs_train_like_recomputing_them_at_every_step(tmp_path):
+@pytest.mark.parametrize("trainable", ["swiftkv", "all_layers"])
+def test_cached_teacher_outputs_train_like_recomputing_them_at_every_step(tmp_path, trainable):
     data = blocks(80)
     runs = {}
     for budget_gb in (0.0, 1.0):
-        trainer = DistillTrainer(student(), data[8:], data[:8], quick_config(frozen_cache_gb=budget_gb),
-                                 tmp_path / str(budget_gb))
+        config = quick_config(frozen_cache_gb=budget_gb, trainable=trainable)
+        trainer = DistillTrainer(student(), data[8:], data[:8], config, tmp_path / str(budget_gb))
         history = trainer.train().history
         assert (trainer.train_cache is not None) == (budget_gb > 0)
-        runs[budget_gb] = trainable_state(trainer.student), [r["eval_kl"] for r in history if "eval_kl" in r]
+        trained = {name: p.detach().clone() for name, p in trainer.trainable_parameters().items()}
+        runs[budget_gb] = trained, [r["eval_kl"] for r in history if "eval_kl" in r]
     (recomputed, recomputed_kl), (cached, cached_kl) = runs[0.0], runs[1.0]
     for name, parameter in recomputed.items():
         torch.testing.assert_close(cached[name], parameter, atol=1e-5, rtol=1e-4)

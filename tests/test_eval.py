@@ -135,7 +135,7 @@ def test_eval_cli_writes_the_side_by_side_table(tiny_swiftkv_dir, tmp_path):
     assert "| mc | acc | 10 |" in (tmp_path / "report" / "eval.md").read_text()
 
 
-def test_a_checkpoint_whose_upper_layers_were_distilled_is_compared_with_its_base_model_only(tmp_path):
+def test_a_checkpoint_whose_layers_were_distilled_is_compared_with_its_base_model_only(tmp_path):
     from swiftkv.eval import SAME_CHECKPOINT, baseline_for, evaluate
 
     model = convert_to_swiftkv(make_base_model("llama"), 3)
@@ -144,7 +144,8 @@ def test_a_checkpoint_whose_upper_layers_were_distilled_is_compared_with_its_bas
     task = write_jsonl(tmp_path / "mc.jsonl", [{"context": "w1 w2", "choices": ["w3", "w9"], "label": 0}])
     with pytest.raises(ValueError, match="pass the base model as --baseline"):
         evaluate(str(folder), [str(task)], SAME_CHECKPOINT, dtype="float32")
-    assert baseline_for("base", "upper_layers") == "base" and baseline_for("base", "swiftkv") == SAME_CHECKPOINT
+    assert baseline_for("base", "upper_layers") == baseline_for("base", "all_layers") == "base"
+    assert baseline_for("base", "swiftkv") == SAME_CHECKPOINT
 
 
 def test_lm_eval_harness_scores_a_local_task_like_swiftkv_eval(tiny_swiftkv_dir, tmp_path):

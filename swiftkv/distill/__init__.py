@@ -102,7 +102,7 @@ def distill(model: str, out_dir: str | Path, data: list[str] | None = None, teac
     state = trainer.train(resume=resume)
     if trainer.accelerator.is_main_process:
         final = trainer.student
-        if config.trainable == "upper_layers":  # with SwiftKV off it is no longer the base model
+        if not config.keeps_base_model:  # with SwiftKV off it is no longer the base model
             final.config.swiftkv_base_preserved = False
         with swiftkv_mode(final, enabled=True):
             save_checkpoint(final, out_dir / "model", tokenizer)

@@ -9,8 +9,9 @@ from pathlib import Path
 from swiftkv.distill.least_squares import WEIGHTINGS
 
 # What distillation trains: the SwiftKV projections (the paper's knowledge-preserving default, the base model stays
-# inside the checkpoint), or also every weight layers >= l use in SwiftKV mode (attention output, MLP, norms)
-TRAINABLE = ("swiftkv", "upper_layers")
+# inside the checkpoint), also every weight layers >= l use in SwiftKV mode (attention output, MLP, norms), or
+# also layers < l, whose output is the single input every SwiftKV layer's K/V is projected from
+TRAINABLE = ("swiftkv", "upper_layers", "all_layers")
 
 
 @dataclass
@@ -42,8 +43,9 @@ class DistillConfig:
     mixed_precision: str = "auto"        # "auto" (bf16 where supported), "bf16", "fp16", "no"
     frozen_cache_gb: float = 8.0         # layer l-1 outputs + teacher logits of every block, computed once; 0 = off
     seed: int = 0
-    trainable: str = "swiftkv"           # "swiftkv": the SwiftKV projections; "upper_layers": also layers >= l
-    upper_layers_learning_rate: float = 1e-4  # with trainable="upper_layers": their pretrained weights' rate
+    trainable: str = "swiftkv"           # "swiftkv": the SwiftKV projections; "upper_layers": also layers >= l;
+                                         # "all_layers": every decoder layer (embeddings and final norm stay)
+    upper_layers_learning_rate: float = 1e-4  # with upper_layers / all_layers: the pretrained weights' rate
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("cosine", "linear"):
@@ -67,11 +69,16 @@ class DistillConfig:
                              f"got {self.least_squares_weighting!r}")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
-        if self.trainable == "upper_layers" and self.hidden_loss_weight > 0:
-            raise ValueError("hidden_loss_weight needs trainable='swiftkv': the hidden-state MSE compares layers "
-                             "that trainable='upper_layers' changes")
+        if self.trainable != "swiftkv" and self.hidden_loss_weight > 0:
+            raise ValueError(f"hidden_loss_weight needs trainable='swiftkv': the hidden-state MSE compares layers "
+                             f"that trainable={self.trainable!r} changes")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise ValueError(f"mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
+
+    @property
+    def keeps_base_model(self) -> bool:
+        """Whether the distilled checkpoint with SwiftKV off is still the base model."""
+        return self.trainable == "swiftkv"
 
     @property
     def corpus_free_texts(self) -> int:

@@ -4,8 +4,9 @@ Layers `0..l-1` are shared by teacher and student and never train, and the teach
 given block, the output of layer `l-1` and the teacher's logits are the same at every step. The default
 recipe reads its 139 training blocks about 17 times in 600 steps. Computed once, before the first step,
 they make a step 1.7x faster on the 2-core CPU (README, "Measured"). They are cached when they fit in
-`DistillConfig.frozen_cache_gb`. Each process keeps its own copy in CPU memory, and each batch's
-slice moves to the device.
+`DistillConfig.frozen_cache_gb`. When distillation trains layers < l too (`trainable="all_layers"`), only the
+teacher's logits are frozen, and only they are cached. Each process keeps its own copy in CPU memory, and each
+batch's slice moves to the device.
 """
 
 from __future__ import annotations
@@ -21,16 +22,19 @@ from tqdm.auto import tqdm
 
 @dataclass
 class FrozenOutputCache:
-    shared: torch.Tensor          # [blocks, seq, hidden]: output of layer l-1
-    teacher_logits: torch.Tensor  # [blocks, seq, vocab]
+    shared: Optional[torch.Tensor]  # [blocks, seq, hidden]: output of layer l-1; None when those layers train
+    teacher_logits: torch.Tensor    # [blocks, seq, vocab]
 
     @property
     def nbytes(self) -> int:
-        return self.shared.nbytes + self.teacher_logits.nbytes
+        return _nbytes(self.shared) + self.teacher_logits.nbytes
 
     def select(self, indices: torch.Tensor | slice, device: torch.device) -> dict[str, torch.Tensor]:
         """`DistillationModel.forward` keyword arguments for the blocks at `indices`."""
-        return {"shared": self.shared[indices].to(device), "teacher_logits": self.teacher_logits[indices].to(device)}
+        selected = {"teacher_logits": self.teacher_logits[indices].to(device)}
+        if self.shared is not None:
+            selected["shared"] = self.shared[indices].to(device)
+        return selected
 
     @classmethod
     def build(cls, model: nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device,
@@ -39,14 +43,19 @@ class FrozenOutputCache:
         """`model.frozen_outputs` of every block, or None when they would take more than `budget_bytes`."""
         with autocast():
             shared, logits = model.frozen_outputs(blocks[:1].to(device))
-        if (shared.nbytes + logits.nbytes) * len(blocks) > budget_bytes:
+        if (_nbytes(shared) + logits.nbytes) * len(blocks) > budget_bytes:
             return None
-        cache = cls(torch.empty(len(blocks), *shared.shape[1:], dtype=shared.dtype),
+        cache = cls(None if shared is None else torch.empty(len(blocks), *shared.shape[1:], dtype=shared.dtype),
                     torch.empty(len(blocks), *logits.shape[1:], dtype=logits.dtype))
         for start in tqdm(range(0, len(blocks), batch_size), desc="teacher outputs", unit="batch",
                           disable=not show_progress):
             with autocast():
                 shared, logits = model.frozen_outputs(blocks[start:start + batch_size].to(device))
-            cache.shared[start:start + batch_size] = shared.cpu()
+            if shared is not None:
+                cache.shared[start:start + batch_size] = shared.cpu()
             cache.teacher_logits[start:start + batch_size] = logits.cpu()
         return cache
+
+
+def _nbytes(tensor: Optional[torch.Tensor]) -> int:
+    return 0 if tensor is None else tensor.nbytes

@@ -1,6 +1,7 @@
 """Distillation loop: teacher = the checkpoint with `swiftkv=False` (or a separate base model), student =
 the same weights with `swiftkv=True`; only `norm_swiftkv` and `*_proj_swiftkv` train (with
-`trainable="upper_layers"`, the weights layers >= l run in SwiftKV mode too, against a frozen copy of them).
+`trainable="upper_layers"`, the weights layers >= l run in SwiftKV mode too; with "all_layers", every decoder
+layer; the teacher then runs a frozen copy of the layers that train).
 
 Runs unchanged under `accelerate launch` (DDP, FSDP, DeepSpeed): the teacher+student forward is one
 `nn.Module`, so the wrappers see every trainable parameter used in `forward`. Checkpoints (safetensors +
@@ -36,23 +37,22 @@ CHECKPOINTS = "checkpoints"
 
 def freeze_all_but_swiftkv(model: nn.Module, trainable: str = "swiftkv") -> list[str]:
     """Make exactly the SwiftKV parameters trainable (with "upper_layers", also the weights layers >= l use in
-    SwiftKV mode: attention output, MLP, norms); return their names."""
-    upper = _upper_layer_prefixes(model) if trainable == "upper_layers" else ()
+    SwiftKV mode: attention output, MLP, norms; with "all_layers", those and every weight of layers < l);
+    return their names. The base q/k/v projections of layers >= l never train: SwiftKV mode does not run them."""
+    config = model.config
+    first = {"swiftkv": None, "upper_layers": config.num_key_value_layers, "all_layers": 0}[trainable]
+    layers = () if first is None else tuple(f"model.layers.{i}." for i in range(first, config.num_hidden_layers))
+    unused = tuple(f"model.layers.{i}.self_attn.{p}_proj." for i in range(config.num_key_value_layers,
+                                                                          config.num_hidden_layers) for p in "qkv")
     names = []
     for name, parameter in model.named_parameters():
-        in_upper = name.startswith(upper) and not any(f".self_attn.{p}_proj." in name for p in "qkv")
-        parameter.requires_grad_("swiftkv" in name or in_upper)
+        parameter.requires_grad_("swiftkv" in name or (name.startswith(layers) and not name.startswith(unused)))
         if parameter.requires_grad:
             names.append(name)
     if not any("swiftkv" in name for name in names):
         raise ValueError("the model has no SwiftKV parameters to train: convert it with num_key_value_layers < "
                          "num_hidden_layers first")
     return names
-
-
-def _upper_layer_prefixes(model: nn.Module) -> tuple[str, ...]:
-    config = model.config
-    return tuple(f"model.layers.{i}." for i in range(config.num_key_value_layers, config.num_hidden_layers))
 
 
 class _CaptureOutput:
@@ -84,20 +84,22 @@ class DistillationModel(nn.Module):
 
     With no separate teacher, layers `0..l-1` are shared by teacher and student and computed once,
     without gradients; the teacher then runs layers `l..L-1` as the base model and the student runs
-    them in SwiftKV mode. With `frozen_upper_layers` (distillation that trains layers >= l), the teacher runs
-    a copy of those layers taken before training, so it stays the base model.
+    them in SwiftKV mode. When distillation trains the layers' own weights (`trainable` "upper_layers": layers
+    >= l; "all_layers": every layer), the teacher runs a copy of them taken before training, so it stays the
+    base model; with "all_layers" the student runs layers `0..l-1` itself, with gradients.
     """
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None, hidden_loss_layer: Optional[int] = None,
-                 frozen_upper_layers: bool = False):
+                 trainable: str = "swiftkv"):
         super().__init__()
         self.student = student
         self.teacher = [teacher] if teacher is not None else []  # a list: not a submodule, never trained
-        self.teacher_upper_layers = []  # likewise a list
-        if frozen_upper_layers and teacher is None:
-            layers = student.model.layers[student.config.num_key_value_layers:]
-            self.teacher_upper_layers = [copy.deepcopy(layers).requires_grad_(False)]
         config = student.config
+        self.lower_layers_train = trainable == "all_layers"
+        self.teacher_layers = []  # frozen copies of the layers that train, from the first of them on; a list too
+        if trainable != "swiftkv" and teacher is None:
+            first = 0 if self.lower_layers_train else config.num_key_value_layers
+            self.teacher_layers = [copy.deepcopy(student.model.layers[first:]).requires_grad_(False)]
         self.hidden_layer_index = None
         if hidden_loss_layer is not None:
             index = hidden_loss_layer % (config.num_hidden_layers + 1)  # hidden_states[0] is the embeddings
@@ -111,19 +113,26 @@ class DistillationModel(nn.Module):
 
     @property
     def frozen_outputs_cacheable(self) -> bool:
-        """Layers 0..l-1 and the teacher's logits depend only on the tokens (no separate teacher, no hidden MSE)."""
+        """The teacher's logits (and layers 0..l-1, unless they train) depend only on the tokens (no separate
+        teacher, no hidden MSE)."""
         return not self.teacher and self.hidden_layer_index is None
 
     @torch.no_grad()
-    def frozen_outputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The output of layer l-1 (shared by teacher and student) and the teacher's logits."""
+    def frozen_outputs(self, input_ids: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """The output of layer l-1 shared by teacher and student (None when layers < l train) and the teacher's
+        logits."""
         decoder, config = self.student.model, self.student.config
         embeds = decoder.embed_tokens(input_ids)
         inputs = decoder.prepare_layer_inputs(embeds, use_cache=False)
-        shared = decoder.run_layers(embeds, range(config.num_key_value_layers), inputs)
+        every, lower = range(config.num_hidden_layers), range(config.num_key_value_layers)
         upper = range(config.num_key_value_layers, config.num_hidden_layers)
-        if self.teacher_upper_layers:
-            layers = self.teacher_upper_layers[0].to(shared.device)  # in place; a no-op once there
+        if self.lower_layers_train:
+            layers = self.teacher_layers[0].to(embeds.device)  # in place; a no-op once there
+            teacher_hidden = decoder.run_layers(embeds, every, inputs, layers=layers)
+            return None, self.student.lm_head(decoder.norm(teacher_hidden))
+        shared = decoder.run_layers(embeds, lower, inputs)
+        if self.teacher_layers:
+            layers = self.teacher_layers[0].to(shared.device)
             teacher_hidden = decoder.run_layers(shared, upper, inputs, layers=layers)
         else:
             teacher_hidden = decoder.run_layers(shared, upper, inputs)
@@ -140,11 +149,14 @@ class DistillationModel(nn.Module):
             with _CaptureOutput(self._layer(student)) as student_capture:
                 student_logits = student(input_ids, use_cache=False).logits
             return DistillOutput(student_logits, teacher_logits, student_capture.value, teacher_capture.value)
-        with _CaptureOutput(self._layer(student) if shared is None else None) as teacher_capture:
-            if shared is None:
+        with _CaptureOutput(self._layer(student) if teacher_logits is None else None) as teacher_capture:
+            if teacher_logits is None:
                 shared, teacher_logits = self.frozen_outputs(input_ids)
         decoder = student.model
-        inputs = decoder.prepare_layer_inputs(decoder.embed_tokens(input_ids), use_cache=False)
+        embeds = decoder.embed_tokens(input_ids)
+        inputs = decoder.prepare_layer_inputs(embeds, use_cache=False)
+        if shared is None:  # layers < l train: the student runs them itself
+            shared = decoder.run_layers(embeds, range(student.config.num_key_value_layers), inputs)
         with _CaptureOutput(self._layer(student)) as student_capture:
             student_hidden = decoder.swiftkv_layers(shared, inputs)
         student_logits = student.lm_head(decoder.norm(student_hidden))
@@ -196,10 +208,10 @@ class DistillTrainer:
         if teacher is not None:
             teacher.requires_grad_(False).eval().to(self.accelerator.device)
         hidden_layer = config.hidden_loss_layer if config.hidden_loss_weight > 0 else None
-        distill_model = DistillationModel(model, teacher, hidden_layer, config.trainable == "upper_layers")
+        distill_model = DistillationModel(model, teacher, hidden_layer, config.trainable)
         trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
         groups = [{"params": [p for name, p in trained.items() if "swiftkv" in name], "lr": config.learning_rate}]
-        if config.trainable == "upper_layers":  # pretrained weights: a gentler rate than the new projections'
+        if not config.keeps_base_model:  # pretrained weights: a gentler rate than the new projections'
             groups.append({"params": [p for name, p in trained.items() if "swiftkv" not in name],
                            "lr": config.upper_layers_learning_rate})
         optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)

@@ -11,8 +11,8 @@ DEFAULT_TASKS = ["hellaswag", "arc_easy", "arc_challenge", "lambada", "wikitext2
 
 def baseline_for(base_model: str, trainable: str) -> str:
     """What a build compares its result with: the same checkpoint with SwiftKV off, unless distillation trained
-    layers >= l too (then only the base model itself is the base)."""
-    return base_model if trainable == "upper_layers" else SAME_CHECKPOINT
+    the layers' own weights too (then only the base model itself is the base)."""
+    return SAME_CHECKPOINT if trainable == "swiftkv" else base_model
 
 
 def evaluate(model: str, tasks: list[str], baseline: Optional[str] = SAME_CHECKPOINT, limit: Optional[int] = None,
@@ -34,8 +34,9 @@ def evaluate(model: str, tasks: list[str], baseline: Optional[str] = SAME_CHECKP
         if not is_swiftkv:
             raise ValueError(f"--baseline {SAME_CHECKPOINT} needs a SwiftKV checkpoint; {model} is a base model")
         if not getattr(loaded.config, "swiftkv_base_preserved", True):
-            raise ValueError(f"{model} was distilled with trainable=upper_layers, so with SwiftKV off it is not its "
-                             f"base model any more; pass the base model as --baseline")
+            raise ValueError(f"{model} was distilled with its layers' own weights training (trainable=upper_layers "
+                             f"or all_layers), so with SwiftKV off it is not its base model any more; pass the "
+                             f"base model as --baseline")
         reference = Candidate("base", loaded, False)
     elif baseline:
         reference = Candidate("base", load_model(baseline, dtype=dtype, device=device), None)
