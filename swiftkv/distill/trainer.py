@@ -124,18 +124,12 @@ class DistillationModel(nn.Module):
         decoder, config = self.student.model, self.student.config
         embeds = decoder.embed_tokens(input_ids)
         inputs = decoder.prepare_layer_inputs(embeds, use_cache=False)
-        every, lower = range(config.num_hidden_layers), range(config.num_key_value_layers)
-        upper = range(config.num_key_value_layers, config.num_hidden_layers)
-        if self.lower_layers_train:
-            layers = self.teacher_layers[0].to(embeds.device)  # in place; a no-op once there
-            teacher_hidden = decoder.run_layers(embeds, every, inputs, layers=layers)
-            return None, self.student.lm_head(decoder.norm(teacher_hidden))
-        shared = decoder.run_layers(embeds, lower, inputs)
-        if self.teacher_layers:
-            layers = self.teacher_layers[0].to(shared.device)
-            teacher_hidden = decoder.run_layers(shared, upper, inputs, layers=layers)
-        else:
-            teacher_hidden = decoder.run_layers(shared, upper, inputs)
+        lower = range(config.num_key_value_layers)
+        shared = None if self.lower_layers_train else decoder.run_layers(embeds, lower, inputs)
+        teacher_indices = range(0 if self.lower_layers_train else len(lower), config.num_hidden_layers)
+        copies = self.teacher_layers[0].to(embeds.device) if self.teacher_layers else None  # moved once
+        teacher_hidden = decoder.run_layers(embeds if shared is None else shared, teacher_indices, inputs,
+                                            layers=copies)
         return shared, self.student.lm_head(decoder.norm(teacher_hidden))
 
     def forward(self, input_ids: torch.Tensor, shared: Optional[torch.Tensor] = None,
