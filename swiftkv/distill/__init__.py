@@ -10,7 +10,7 @@ import torch
 
 from swiftkv.distill.config import DistillConfig
 from swiftkv.distill.contamination import drop_evaluation_text
-from swiftkv.distill.corpus import free_text_corpus, teacher_corpus
+from swiftkv.distill.corpus import documentation_corpus, free_text_corpus, teacher_corpus
 from swiftkv.distill.data import DataError, load_dataset_records, read_records, train_eval_blocks
 from swiftkv.distill.trainer import DistillTrainer, TrainerState
 
@@ -29,6 +29,7 @@ def load_records(sources: list[str], teacher_for_corpus, tokenizer, config: Dist
             if config.corpus_free_texts:
                 records += free_text_corpus(teacher, tokenizer, config.corpus_free_texts,
                                             max_new_tokens=config.corpus_free_text_max_new_tokens, seed=config.seed)
+            records += documentation_corpus(config.corpus_documentation_words, seed=config.seed)
         elif source.startswith("hf:"):
             name, _, split = source[3:].partition(":")
             records += load_dataset_records(name, split or "train")

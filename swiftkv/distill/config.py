@@ -33,6 +33,7 @@ class DistillConfig:
     corpus_samples: int = 1              # ... answers per prompt (seeded differently)
     corpus_free_text_ratio: float = 0.5  # share of default records that are teacher-continued raw text
     corpus_free_text_max_new_tokens: int = 128  # ... tokens per raw text (long texts teach long-range context)
+    corpus_documentation_words: int = 0  # words of text people wrote (Python's documentation); 0 = none
     max_steps: int = 600                 # optimizer steps; the schedule spans them
     max_grad_norm: float = 1.0
     eval_every: int = 25
@@ -57,6 +58,8 @@ class DistillConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.corpus_documentation_words < 0:
+            raise ValueError(f"corpus_documentation_words must be >= 0, got {self.corpus_documentation_words}")
         if self.frozen_cache_gb < 0:
             raise ValueError(f"frozen_cache_gb must be >= 0, got {self.frozen_cache_gb}")
         if self.least_squares_blocks < 0:

@@ -1,5 +1,7 @@
 """The offline default corpus: the teacher answers the built-in prompts once, and continues built-in openings
-of raw text (no chat template) so the student keeps plain-text prediction too; both are cached.
+of raw text (no chat template) so the student keeps plain-text prediction too; on request it adds passages of
+text people wrote (Python's own documentation, `documentation.py`), which the teacher scores like the rest.
+All three are cached.
 
 The cache key names the teacher (its config and a weight fingerprint), the prompts or openings, the decoding
 settings and the round of answers, so a different teacher or setting never reuses stale text.
@@ -10,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from swiftkv.distill.documentation import documentation_records
 from swiftkv.distill.prompts import builtin_prompts, free_text_openings
 
 
@@ -113,3 +117,13 @@ def free_text_corpus(model, tokenizer, num_texts: int, max_new_tokens: int = 192
         return [{"text": opening + text} for opening, text in zip(openings, texts)]
 
     return _cached(cache_file, continue_openings)
+
+
+def documentation_corpus(num_words: int, seed: int = 0, cache_dir: Path | None = None) -> list[dict]:
+    """`{"text"}` records: about `num_words` words of Python's documentation (`documentation_records`), cached
+    under a key naming the Python version, since the passages come from its standard library."""
+    if num_words <= 0:
+        return []
+    settings = ["python-documentation", sys.version, num_words, seed]
+    cache_file = (cache_dir or default_cache_dir()) / f"documentation-{_key(settings)}.jsonl"
+    return _cached(cache_file, lambda: documentation_records(num_words, seed))
