@@ -2,9 +2,9 @@
 standard library (module, class and function docstrings, read from the source files without importing them,
 and the language reference's topics that `help()` shows).
 
-The teacher's own texts are smoother than anything people write: a SwiftKV student distilled on them alone
-follows its teacher much less closely on human text (`benchmarks/fidelity_by_text.py`). Text people wrote,
-scored by the teacher, teaches the student the teacher's predictions where they are hard.
+A SwiftKV student distilled on the teacher's own texts alone follows its teacher about three times less closely
+(per-token KL) on text people wrote (`benchmarks/fidelity_by_text.py`). Distilling on text people wrote, scored by
+the teacher, closes much of that gap on text of the same kinds, and little of it on other kinds.
 """
 
 from __future__ import annotations
