@@ -1,8 +1,8 @@
 """How closely a SwiftKV checkpoint follows its base model on each kind of text: the teacher's own held-out
 chat answers and raw texts (what distillation trains on), and text people wrote (WikiText-2 articles, LAMBADA's
-novel passages, and the held-out part of any `--text NAME=FILE` given, split as distillation splits its data). Per-token KL(base || SwiftKV) and top-1 agreement, with 95%
-bootstrap CIs over blocks. A checkpoint that follows the teacher on the teacher's text but not on human text has
-learned the teacher's text, not the teacher. Writes JSON and a PNG.
+novel passages, and the held-out part of any `--text NAME=FILE` given, split as distillation splits its data).
+Per-token KL(base || SwiftKV) and top-1 agreement, with 95% bootstrap CIs over blocks. A checkpoint that
+follows the teacher on the teacher's text but not on human text has learned the teacher's text, not the teacher. Writes JSON and a PNG.
 
   python benchmarks/fidelity_by_text.py --models runs/smollm2-search/points/l15-g1/model
   python benchmarks/fidelity_by_text.py --models runs/all-l15/model --baseline smollm2-135m-instruct
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,37 +27,36 @@ from swiftkv.eval.data import data_file
 from swiftkv.eval.fidelity import measure_fidelity
 from swiftkv.eval.statistics import bootstrap
 from swiftkv.loading import load_model, load_tokenizer
+from swiftkv.models.swiftkv import swiftkv_mode
 from swiftkv.plotting import png_figure
+
+
+def packed_blocks(records: list[dict], tokenizer, config: DistillConfig, count: int) -> torch.Tensor:
+    """The first `count` blocks of `records`, encoded and packed as distillation packs them."""
+    return pack_sequences([encode_record(record, tokenizer) for record in records], config.seq_length)[:count]
 
 
 def held_out_blocks(records: list[dict], tokenizer, config: DistillConfig, count: int) -> torch.Tensor:
     """Blocks of the records distillation holds out (the same seeded split), never trained on."""
-    _, held_out = split_records(records, config.eval_fraction, config.seed)
-    return pack_sequences([encode_record(record, tokenizer) for record in held_out], config.seq_length)[:count]
+    return packed_blocks(split_records(records, config.eval_fraction, config.seed)[1], tokenizer, config, count)
 
 
-def text_blocks(texts: list[str], tokenizer, block: int, count: int) -> torch.Tensor:
-    return pack_sequences([tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-                           for text in texts], block)[:count]
-
-
-def kinds_of_text(model_path: str, tokenizer, extra: dict[str, str], count: int) -> dict[str, torch.Tensor]:
-    """Token blocks per kind of text: the default corpus's held-out parts (from its cache, written by the
-    teacher when missing) and human-written texts."""
+def kinds_of_text(teacher, tokenizer, extra: dict[str, str], count: int) -> dict[str, torch.Tensor]:
+    """Token blocks per kind of text: the default corpus's held-out parts (from its cache, written by `teacher`,
+    a model in teacher mode, when missing) and human-written texts."""
     config = DistillConfig()
-    teacher = load_model(model_path, dtype="bfloat16")
-    teacher.config.swiftkv = False
     chat = teacher_corpus(teacher, tokenizer, num_prompts=config.corpus_prompts,
                           max_new_tokens=config.corpus_max_new_tokens, seed=config.seed)
     free = free_text_corpus(teacher, tokenizer, config.corpus_free_texts,
                             max_new_tokens=config.corpus_free_text_max_new_tokens, seed=config.seed)
-    lambada = [json.loads(line)["text"] for line in data_file("lambada_openai.jsonl").read_text().splitlines()]
+    wikitext = [{"text": data_file("wikitext2_test_raw.txt").read_text()}]
+    lambada_lines = data_file("lambada_openai.jsonl").read_text().splitlines()
+    lambada = [{"text": json.loads(line)["text"]} for line in lambada_lines]
     blocks = {
         "teacher chat answers (held out)": held_out_blocks(chat, tokenizer, config, count),
         "teacher raw text (held out)": held_out_blocks(free, tokenizer, config, count),
-        "WikiText-2 (human)": text_blocks([data_file("wikitext2_test_raw.txt").read_text()], tokenizer,
-                                          config.seq_length, count),
-        "LAMBADA passages (human)": text_blocks(lambada, tokenizer, config.seq_length, count),
+        "WikiText-2 (human)": packed_blocks(wikitext, tokenizer, config, count),
+        "LAMBADA passages (human)": packed_blocks(lambada, tokenizer, config, count),
     }
     for name, path in extra.items():
         blocks[name] = held_out_blocks(read_records(path), tokenizer, config, count)
@@ -77,9 +77,10 @@ def main() -> None:
     results = {"date": time.strftime("%Y-%m-%d"), "settings": vars(args), "models": {}}
     for path in args.models:
         tokenizer = load_tokenizer(path)
-        blocks = kinds_of_text(args.baseline or path, tokenizer, extra, args.blocks)
         student = load_model(path, dtype="bfloat16")
         teacher = load_model(args.baseline, dtype="bfloat16") if args.baseline else None
+        with nullcontext() if teacher else swiftkv_mode(student, enabled=False):
+            blocks = kinds_of_text(teacher or student, tokenizer, extra, args.blocks)
         rows = {}
         for kind, kind_blocks in blocks.items():
             fidelity = measure_fidelity(student, list(kind_blocks), teacher=teacher)

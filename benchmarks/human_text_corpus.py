@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from swiftkv.distill.documentation import passages
+from swiftkv.distill.documentation import first_words, passages
 
 PACKAGES = ["python3.11-doc", "dict-foldoc", "dict-jargon", "dict-devil", "fortunes", "fortunes-min"]
 SHARES = {"python_docs": 0.52, "foldoc": 0.24, "jargon": 0.10, "devil": 0.06, "fortunes": 0.08}
@@ -79,13 +79,9 @@ def main() -> None:
     records = []
     for source, pool in pools.items():
         rng.shuffle(pool)
-        budget, words = round(args.words * SHARES[source]), 0
-        for passage in pool:
-            if words >= budget:
-                break
-            records.append({"text": passage, "source": source})
-            words += len(passage.split())
-        print(f"{source}: {words} words from {len(pool)} passages")
+        taken = first_words(pool, round(args.words * SHARES[source]))
+        records += [{"text": passage, "source": source} for passage in taken]
+        print(f"{source}: {sum(len(passage.split()) for passage in taken)} words from {len(pool)} passages")
     rng.shuffle(records)
     Path(args.out).write_text("".join(json.dumps(record) + "\n" for record in records))
     print(f"wrote {len(records)} records to {args.out}")

@@ -87,6 +87,17 @@ def python_documentation(words_per_passage: int = 600) -> list[str]:
             for passage in passages(document, words_per_passage)]
 
 
+def first_words(passages_in_order: list[str], num_words: int) -> list[str]:
+    """The leading passages, up to the first that brings their words to `num_words` or more."""
+    taken, total = [], 0
+    for passage in passages_in_order:
+        if total >= num_words:
+            break
+        taken.append(passage)
+        total += len(passage.split())
+    return taken
+
+
 def documentation_records(num_words: int, seed: int = 0) -> list[dict]:
     """`{"text"}` records of about `num_words` words, passages drawn at random (seeded) from
     `python_documentation()`."""
@@ -94,10 +105,4 @@ def documentation_records(num_words: int, seed: int = 0) -> list[dict]:
         return []
     pool = python_documentation()
     random.Random(seed).shuffle(pool)
-    records, total = [], 0
-    for passage in pool:
-        if total >= num_words:
-            break
-        records.append({"text": passage})
-        total += len(passage.split())
-    return records
+    return [{"text": passage} for passage in first_words(pool, num_words)]
