@@ -14,6 +14,12 @@ from swiftkv.distill.least_squares import WEIGHTINGS
 TRAINABLE = ("swiftkv", "upper_layers", "all_layers")
 
 
+def keeps_base_model(trainable: str) -> bool:
+    """Whether a checkpoint distilled with `trainable` is still the base model with SwiftKV off (only the SwiftKV
+    projections trained), so that the teacher and the evaluation baseline can be the checkpoint itself."""
+    return trainable == "swiftkv"
+
+
 @dataclass
 class DistillConfig:
     learning_rate: float = 1e-3          # reference: 2e-4 (8B, large batches); 1e-3 converged faster here
@@ -72,7 +78,7 @@ class DistillConfig:
                              f"got {self.least_squares_weighting!r}")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
-        if self.trainable != "swiftkv" and self.hidden_loss_weight > 0:
+        if not self.keeps_base_model and self.hidden_loss_weight > 0:
             raise ValueError(f"hidden_loss_weight needs trainable='swiftkv': the hidden-state MSE compares layers "
                              f"that trainable={self.trainable!r} changes")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
@@ -81,7 +87,7 @@ class DistillConfig:
     @property
     def keeps_base_model(self) -> bool:
         """Whether the distilled checkpoint with SwiftKV off is still the base model."""
-        return self.trainable == "swiftkv"
+        return keeps_base_model(self.trainable)
 
     @property
     def corpus_free_texts(self) -> int:

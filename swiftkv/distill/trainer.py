@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from swiftkv.distill.checkpointing import check_supported, load_training_state, save_training_state
-from swiftkv.distill.config import DistillConfig
+from swiftkv.distill.config import DistillConfig, keeps_base_model
 from swiftkv.distill.frozen_cache import FrozenOutputCache
 from swiftkv.distill.least_squares import fit_single_input_key_values
 from swiftkv.distill.losses import hidden_state_loss, logits_distillation_loss
@@ -97,7 +97,7 @@ class DistillationModel(nn.Module):
         config = student.config
         self.lower_layers_train = trainable == "all_layers"
         self.teacher_layers = []  # frozen copies of the layers that train, from the first of them on; a list too
-        if trainable != "swiftkv" and teacher is None:
+        if not keeps_base_model(trainable) and teacher is None:
             first = 0 if self.lower_layers_train else config.num_key_value_layers
             self.teacher_layers = [copy.deepcopy(student.model.layers[first:]).requires_grad_(False)]
         self.hidden_layer_index = None

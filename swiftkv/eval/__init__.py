@@ -12,7 +12,9 @@ DEFAULT_TASKS = ["hellaswag", "arc_easy", "arc_challenge", "lambada", "wikitext2
 def baseline_for(base_model: str, trainable: str) -> str:
     """What a build compares its result with: the same checkpoint with SwiftKV off, unless distillation trained
     the layers' own weights too (then only the base model itself is the base)."""
-    return SAME_CHECKPOINT if trainable == "swiftkv" else base_model
+    from swiftkv.distill.config import keeps_base_model
+
+    return SAME_CHECKPOINT if keeps_base_model(trainable) else base_model
 
 
 def evaluate(model: str, tasks: list[str], baseline: Optional[str] = SAME_CHECKPOINT, limit: Optional[int] = None,
