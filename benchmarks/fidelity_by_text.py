@@ -23,7 +23,7 @@ import torch
 from swiftkv.distill import DistillConfig
 from swiftkv.distill.corpus import free_text_corpus, teacher_corpus
 from swiftkv.distill.data import encode_record, pack_sequences, read_records, split_records
-from swiftkv.eval.data import data_file
+from swiftkv.eval.data import data_dir, data_file
 from swiftkv.eval.fidelity import measure_fidelity
 from swiftkv.eval.statistics import bootstrap
 from swiftkv.loading import load_model, load_tokenizer
@@ -74,7 +74,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/fidelity_by_text")
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.text)
-    results = {"date": time.strftime("%Y-%m-%d"), "settings": vars(args), "models": {}}
+    settings = {**vars(args), "evaluation_data": str(data_dir())}  # WikiText-2 and LAMBADA come from here
+    results = {"date": time.strftime("%Y-%m-%d"), "settings": settings, "models": {}}
     for path in args.models:
         tokenizer = load_tokenizer(path)
         student = load_model(path, dtype="bfloat16")

@@ -130,6 +130,7 @@ def test_eval_cli_writes_the_side_by_side_table(tiny_swiftkv_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report" / "eval.json").read_text())
     assert [(row["task"], row["metric"]) for row in report["rows"]] == [("mc", "acc"), ("mc", "acc_norm")]
+    assert report["settings"]["task_files"] == {"mc": str(task)}  # a report says which data it scored
     row = report["rows"][0]
     assert row["baseline"]["value"] + row["difference"]["value"] == pytest.approx(row["model"]["value"])
     assert "| mc | acc | 10 |" in (tmp_path / "report" / "eval.md").read_text()

@@ -50,6 +50,7 @@ def evaluate(model: str, tasks: list[str], baseline: Optional[str] = SAME_CHECKP
     if out_dir is not None:
         settings = {"model": model, "baseline": baseline, "tasks": tasks, "limit": limit, "dtype": dtype,
                     "device": str(loaded.device),
-                    "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+                    "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                    "task_files": {task.name: str(task.path) for task in resolved}}  # which data was scored
         write_report(rows, out_dir, title, settings)
     return rows
